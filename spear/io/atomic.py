@@ -1,0 +1,71 @@
+"""Atomic outputs: write into a temporary sibling, rename at the end.
+
+An interrupted stage then leaves either the complete output or nothing (plus a hidden
+``.tmp-*`` sibling that the next run of the same output removes), never a half-written one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from spear.errors import SpearError
+
+TMP_PREFIX = ".tmp-"
+
+
+def _clear_stale_tmp(final: Path) -> None:
+    for stale in final.parent.glob(f"{TMP_PREFIX}{final.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path, overwrite: bool = False, knob: str = "overwrite") -> Iterator[Path]:
+    """Yield a temp dir that becomes ``final`` when the block succeeds.
+
+    An existing ``final`` is an error unless ``overwrite`` (the message names the ``knob``);
+    with ``overwrite`` it is replaced only after the new output is complete.
+    """
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise SpearError(f"output {final} already exists; set {knob}=true to replace it, or choose another path")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _clear_stale_tmp(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            backup = final.with_name(f"{TMP_PREFIX}{final.name}-old")
+            os.replace(final, backup)
+            os.replace(tmp, final)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(path: Path, obj: Any) -> Path:
+    """Strict JSON (a NaN is an error: store ``None``), indented, written atomically."""
+    return write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")

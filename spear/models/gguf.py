@@ -1,0 +1,42 @@
+"""GGUF -> HF safetensors conversion.
+
+transformers dequantises a GGUF file on load but refuses to save such a model, so the model
+is rebuilt from its config without ``quantization_config`` and given the dequantised state dict.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from spear.io.atomic import atomic_dir
+
+
+def load_gguf(gguf_path: Path):
+    """(model, tokenizer) dequantised to float32 from a ``.gguf`` file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    return model.eval(), tokenizer
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Write ``gguf_path`` as an HF safetensors dir at ``out_dir`` (atomically)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    loaded, tokenizer = load_gguf(gguf_path)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.tie_weights()
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if loaded.generation_config is not None:
+            loaded.generation_config.save_pretrained(tmp)
+    return out_dir

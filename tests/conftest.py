@@ -1,0 +1,48 @@
+"""Shared fixtures: config composition without a Hydra run, and tiny model dirs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def compose(tmp_path):
+    """compose(config_name, overrides) -> DictConfig with ``paths.output_dir`` in tmp_path."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from spear.paths import CONF_DIR
+
+    def _compose(config_name: str, overrides: list[str] | None = None, output_dir: Path | None = None):
+        out = output_dir or (tmp_path / "run")
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose(
+                config_name=config_name,
+                overrides=[f"paths.output_dir={out}", "logger=none", *(overrides or [])],
+            )
+
+    return _compose
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A saved random tiny Llama (HF safetensors dir + byte tokenizer); copy before mutating."""
+    from spear.models.tiny import save_tiny
+
+    return save_tiny("tiny_llama", tmp_path_factory.mktemp("tiny_llama") / "model")
+
+
+@pytest.fixture
+def tiny_llama_copy(tiny_llama_dir, tmp_path) -> Path:
+    dest = tmp_path / "tiny_llama"
+    shutil.copytree(tiny_llama_dir, dest)
+    return dest
