@@ -80,17 +80,18 @@ def stage_key(stage_cfg, *inputs: Any) -> str:
 # ------------------------------------------------------------------------------ stages
 
 
-def run_train(cfg, cache, base_fp, seed: int) -> dict[str, Any]:
+def run_train(cfg, cache, base_fp, seed: int, **values: Any) -> dict[str, Any]:
+    """CPT under ``seed`` (``values``: extra dotted train keys, e.g. a freeze mask), or its cached result."""
     from spear import train
 
-    probe = stage_config(cfg, "train", Path("/dev/null"), seed=seed)
+    probe = stage_config(cfg, "train", Path("/dev/null"), seed=seed, **values)
     key = stage_key(probe, base_fp)
     hit = cache.lookup("train", key)
     if hit is not None:
         log.info("pipeline: CPT seed %d reused (%s)", seed, key)
         return hit
     out = cache.dir_for("train", key) / "run"
-    stage_cfg = stage_config(cfg, "train", out, seed=seed, overwrite=True)
+    stage_cfg = stage_config(cfg, "train", out, seed=seed, overwrite=True, **values)
     start = time.perf_counter()
     summary = train.run(stage_cfg)
     result = {"key": key, "model_dir": summary["model_dir"], "seconds": time.perf_counter() - start, "summary": summary}
@@ -375,6 +376,7 @@ class PipelineRun:
         self.cost: list[dict[str, Any]] = []
         self.train_seconds: list[float] = []
         self.policy_seconds: list[float] = []
+        self.artifacts: dict[str, dict[str, str]] = {}  # seed -> paths of its stage outputs
         self.ndev = _devices_count(cfg)
 
     def account(self, stage: str, seconds: float, reused: bool) -> None:
@@ -417,6 +419,8 @@ class PipelineRun:
         self.account(f"analyze seed {seed}", analysis["seconds"], self.cache.events[mark]["hit"])
         ranking = json.loads(Path(analysis["ranking"]).read_text())
         num_layers = int(ranking["num_layers"])
+        self.artifacts[str(seed)] = {"adapted_model": adapted["model_dir"], "ranking": analysis["ranking"],
+                                     "analysis_dir": str(Path(analysis["ranking"]).parent)}
         session = LazyMerger(adapted["model_dir"], self.base_dir, self.merge_cfg, self.load)
 
         record = evaluate_cached(self.cache, self.eval_cfg, [adapted["key"]], "adapted", session.produce)
@@ -430,6 +434,9 @@ class PipelineRun:
             model_entry("base", "baseline", base_results, retention(base_results), seed, mean_t=1.0),
             model_entry("adapted", "baseline", adapted_results, retention(adapted_results), seed, mean_t=0.0),
         ]
+        frozen = self.cfg.pipeline.get("freeze_compare") or {}
+        if frozen.get("enabled"):
+            entries.append(self.frozen_cpt_entry(seed, analysis["ranking"], int(frozen.get("k", 8)), retention))
         for item in merge_plan(self.cfg, ranking, num_layers):
             tmap = item["tmap"]
             key = [adapted["key"], self.base_fp, self.merge_cfg, tmap.to_json()]
@@ -444,6 +451,18 @@ class PipelineRun:
                 mean_t=tmap.mean_t(num_layers), tmap=tmap.to_json(), policy=item["policy"], **extra,
             ))
         return entries
+
+    def frozen_cpt_entry(self, seed: int, ranking_path: str, k: int, retention) -> dict[str, Any]:
+        """CPT again with the ranking's top-k layers frozen: the a-priori twin of restoring them (t=1)."""
+        mark = len(self.cache.events)
+        values = {"freeze.mode": "ranked", "freeze.ranking": ranking_path, "freeze.k": k}
+        frozen = run_train(self.cfg, self.cache, self.base_fp, seed, **values)
+        self.account(f"train freeze_top{k} seed {seed}", frozen["seconds"], self.cache.events[mark]["hit"])
+        name = f"freeze_top{k}"
+        record = evaluate_cached(self.cache, self.eval_cfg, [frozen["key"]], name, lambda: self.load(frozen["model_dir"]))
+        self.account(f"evaluate {name} seed {seed}", record["eval_seconds"], record["reused"])
+        return model_entry(name, "freeze", record["results"], retention(record["results"]), seed,
+                           mean_t=None, cost_seconds=frozen["seconds"] + record["eval_seconds"])
 
     def cost_summary(self, wall_seconds: float) -> dict[str, Any]:
         def mean(xs: list[float]) -> float | None:
@@ -478,6 +497,7 @@ def run(cfg) -> dict[str, Any]:
         "per_seed": per_seed,
         "cost": state.cost_summary(time.perf_counter() - started),
         "cache": state.cache.events,
+        "artifacts": state.artifacts,
     }
     print(write_summary(out_dir, summary))  # plain Markdown: wide tables stay readable in logs
     tracker = start_tracker(cfg, "pipeline")

@@ -97,3 +97,18 @@ def test_unknown_extra_policy_is_a_clear_error():
     with pytest.raises(SpearError, match="use one of"):
         policy_config("no_such_policy")
     assert policy_config({"policy": "uniform", "t": 0.3, "label": "u3"})["t"] == 0.3
+
+
+def test_notebook_executes_headless_against_the_run(tiny_runs, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    from spear.paths import PROJECT_ROOT
+
+    _, dirs = tiny_runs
+    monkeypatch.setenv("SPEAR_RUN_DIR", str(dirs[0]))
+    notebook = nbformat.read(PROJECT_ROOT / "notebooks" / "inspect_run.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(PROJECT_ROOT)}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum(1 for o in outputs if "image/png" in o.get("data", {})) >= 3  # scores, t map, Pareto
