@@ -1,0 +1,168 @@
+"""In-memory merging of a loaded adapted model toward a base checkpoint, many times over.
+
+For sweeps (``target_retention``), the posterior impact analysis (restore one layer at a time)
+and notebooks: no disk writes, and each :meth:`InMemoryMerger.apply` only touches the
+parameters whose ``t`` changed since the previous call. The adapted value of a parameter is
+snapshotted (to CPU) the first time it is changed, and the base tensor is read from the base
+checkpoint the first time it is needed and then cached on CPU, so memory grows to at most
+model + adapted snapshot + base cache, and only for the parameters actually merged.
+
+Results equal the streaming merge (same kernels, same inputs) bit for bit when the model was
+loaded in the checkpoint's dtype. Tied parameters (``lm_head`` = ``embed_tokens``) are one
+parameter object and are merged once.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from spear.errors import SpearError
+from spear.io.reader import ARCH_KEYS, Checkpoint, check_finite
+from spear.merging.kernels import check_kernel, merge_tensor, torch_threads
+from spear.merging.policies import TMap
+
+log = logging.getLogger(__name__)
+
+
+class InMemoryMerger:
+    """Merge a loaded ADAPTED ``model`` toward the base checkpoint in ``base_dir``, in place.
+
+    >>> merger = InMemoryMerger(model, base_dir)
+    >>> merger.apply(TMap(layer_t={3: 1.0}))   # layer 3 restored to the base
+    >>> merger.apply(TMap(layer_t={4: 1.0}))   # layer 3 back to adapted, layer 4 restored
+    >>> merger.reset()                          # the adapted model again
+    """
+
+    def __init__(
+        self,
+        model,
+        base_dir: Path,
+        kernel: str = "slerp",
+        kernel_params: dict[str, Any] | None = None,
+        check_values: bool = True,
+        threads: int | None = 1,
+    ) -> None:
+        from spear.models.layer_map import layer_map_for
+
+        check_kernel(kernel)
+        self.model = model
+        self.kernel = kernel
+        self.kernel_params = dict(kernel_params or {})
+        self.check_values = check_values
+        self.threads = threads  # torch threads for the merge math (restored afterwards)
+        self.base = Checkpoint(Path(base_dir))
+        self.layer_map = layer_map_for(model.config)
+        # unique parameters: a tied lm_head is the embedding's Parameter and is listed once
+        self.params = dict(model.named_parameters())
+        self._check_against_base()
+        self._adapted: dict[str, Any] = {}  # name -> CPU snapshot of the adapted value
+        self._base: dict[str, Any] = {}  # name -> CPU base tensor in the parameter's dtype
+        self._t: dict[str, float] = dict.fromkeys(self.params, 0.0)
+        self._tmap = TMap()
+
+    @property
+    def num_layers(self) -> int:
+        return self.layer_map.num_layers
+
+    @property
+    def current(self) -> TMap:
+        """The TMap the model currently reflects (``TMap()`` = adapted)."""
+        return self._tmap
+
+    def _check_against_base(self) -> None:
+        config = self.model.config
+        text = getattr(config, "text_config", None) or config
+        base_cfg = self.base.text_config()
+        diffs = [
+            f"{k}: {base_cfg.get(k)} vs {getattr(text, k, None)}"
+            for k in ARCH_KEYS
+            if k in base_cfg and base_cfg.get(k) != getattr(text, k, None)
+        ]
+        if diffs:
+            raise SpearError(
+                f"base {self.base.dir} and the loaded model have different architectures ({'; '.join(diffs)}); "
+                "compare checkpoints of the same model family and size"
+            )
+        for name, param in self.params.items():
+            if name not in self.base.file_of:
+                raise SpearError(f"parameter {name} of the loaded model is missing from {self.base.dir}")
+            shape = self.base.shape(name)
+            if tuple(shape) != tuple(param.shape):
+                raise SpearError(
+                    f"tensor {name} has shape {list(shape)} in base but {list(param.shape)} in the model; "
+                    "not the same architecture"
+                )
+
+    def _adapted_of(self, name: str):
+        snap = self._adapted.get(name)
+        if snap is None:
+            snap = self.params[name].detach().to("cpu", copy=True)
+            self._adapted[name] = snap
+        return snap
+
+    def _base_of(self, name: str):
+        tensor = self._base.get(name)
+        if tensor is None:
+            tensor = self.base.get(name)
+            if self.check_values:
+                check_finite(name, tensor, self.base.dir)
+            dtype = self.params[name].dtype
+            if tensor.dtype != dtype:
+                tensor = tensor.to(dtype)
+            self._base[name] = tensor
+        return tensor
+
+    def apply(self, tmap: TMap, with_stats: bool = False) -> dict[str, dict[str, Any]]:
+        """Set every parameter to ``merge(adapted, base, t)`` for ``tmap``.
+
+        Only parameters whose ``t`` differs from the current state are recomputed; ``t=0``
+        copies the adapted snapshot back (bit-exact). Returns the stats of the recomputed
+        parameters (``t`` and ``fallback``; ``cos``/``angle``/``rel_change`` too with
+        ``with_stats``).
+        """
+        import torch
+
+        top = tmap.max_layer()
+        if top >= self.num_layers:
+            raise SpearError(f"the t map names layer {top} but the model has layers 0..{self.num_layers - 1}")
+        stats: dict[str, dict[str, Any]] = {}
+        with torch.no_grad(), torch_threads(self.threads):
+            for name, param in self.params.items():
+                t = tmap.t_for(name, self.layer_map)
+                if t == self._t[name]:
+                    continue
+                adapted = self._adapted_of(name)
+                if t == 0.0:
+                    param.copy_(adapted)
+                    st = {"t": 0.0, "fallback": False}
+                else:
+                    merged, st = merge_tensor(
+                        self.kernel,
+                        adapted,
+                        self._base_of(name),
+                        t,
+                        name=name,
+                        params=self.kernel_params,
+                        with_stats=with_stats,
+                    )
+                    param.copy_(merged)
+                self._t[name] = t
+                stats[name] = st
+        self._tmap = tmap
+        return stats
+
+    def reset(self) -> None:
+        """Put the adapted weights back (only those that were changed)."""
+        self.apply(TMap())
+
+    def base_tmap(self) -> TMap:
+        """The TMap that turns the model into the base model (every tensor ``t=1``)."""
+        return TMap(dict.fromkeys(range(self.num_layers), 1.0), None, 1.0)
+
+    def release(self) -> None:
+        """Reset the model and drop the caches (the merger can still be used afterwards)."""
+        self.reset()
+        self._adapted.clear()
+        self._base.clear()

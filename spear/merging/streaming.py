@@ -1,0 +1,198 @@
+"""Streaming merge of two HF safetensors checkpoints into a new HF model dir.
+
+Tensor pairs are read one at a time (:class:`spear.io.reader.TensorPairReader`: validated
+names, shapes, architecture, finite values), merged with a kernel at the strength the
+:class:`~spear.merging.policies.TMap` gives, and written straight into shards
+(:class:`spear.io.writer.ShardedSafetensorsWriter`), so peak memory is a few tensors whatever
+the model size. Everything goes into a temporary sibling that is renamed at the end
+(:func:`spear.io.atomic.atomic_dir`): an interrupted merge leaves no output, and the next run
+cleans up after it.
+
+The merged tensors keep the adapted checkpoint's names, dtypes and tensor set, so tied weights
+stay tied: an HF checkpoint of a tied model stores no ``lm_head`` (the config's
+``tie_word_embeddings`` re-ties it on load), and if one is stored anyway it takes the same
+``t`` as the embeddings (both are non-layer tensors) and so stays equal to them.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from spear.errors import SpearError
+from spear.io.atomic import atomic_dir
+from spear.io.reader import INDEX_FILE, TensorPairReader
+from spear.io.writer import ShardedSafetensorsWriter, TensorSpec
+from spear.merging.kernels import check_kernel, merge_tensor, torch_threads
+from spear.merging.policies import TMap
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far.
+
+    Linux: ``VmHWM`` of ``/proc/self/status`` (this process's own high-water mark; ``ru_maxrss``
+    would carry a big parent's peak across fork + exec); elsewhere ``ru_maxrss``.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def config_namespace(config: dict[str, Any]) -> SimpleNamespace:
+    """A ``config.json`` dict as an attribute object (nested ``text_config`` too), for ``layer_map_for``."""
+    ns = SimpleNamespace(**config)
+    if isinstance(config.get("text_config"), dict):
+        ns.text_config = SimpleNamespace(**config["text_config"])
+    return ns
+
+
+def layer_map_of_dir_config(config: dict[str, Any]):
+    from spear.models.layer_map import layer_map_for
+
+    return layer_map_for(config_namespace(config))
+
+
+def copy_aux_files(src: Path, dst: Path) -> list[str]:
+    """Copy config, generation config and tokenizer files (everything but weights and hidden files)."""
+    copied = []
+    for path in sorted(Path(src).iterdir()):
+        if not path.is_file() or path.name.startswith(".") or path.name == INDEX_FILE:
+            continue
+        if path.suffix in WEIGHT_SUFFIXES or path.name.endswith(".index.json"):
+            continue
+        shutil.copy2(path, dst / path.name)
+        copied.append(path.name)
+    return copied
+
+
+class _Scratch:
+    """Reusable result buffers (per dtype and slot), as large as the largest float tensor so far.
+
+    A merged tensor is being written while the next one is computed, so two slots suffice;
+    reusing them spares the page faults of a fresh allocation per large tensor.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[Any, Any] = {}
+
+    def get(self, like, slot: int = 0):
+        import torch
+
+        if not like.is_floating_point():
+            return None
+        key = (like.dtype, slot)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < like.numel():
+            self.buffers.pop(key, None)
+            buf = torch.empty(like.numel(), dtype=like.dtype)
+            self.buffers[key] = buf
+        return buf
+
+
+def check_tmap_layers(tmap: TMap, num_layers: int) -> None:
+    top = tmap.max_layer()
+    if top >= num_layers:
+        raise SpearError(f"the t map names layer {top} but the model has layers 0..{num_layers - 1}")
+
+
+def merge_checkpoints(
+    base_dir: Path,
+    adapted_dir: Path,
+    out_dir: Path,
+    tmap: TMap,
+    *,
+    kernel: str = "slerp",
+    kernel_params: dict[str, Any] | None = None,
+    max_shard_size: int | str = "2GB",
+    overwrite: bool = False,
+    check_values: bool = True,
+    progress: bool = True,
+    threads: int | None = 1,
+    on_tensor=None,
+) -> dict[str, Any]:
+    """Merge ``adapted_dir`` toward ``base_dir`` by ``tmap`` into the HF dir ``out_dir``.
+
+    Returns ``{"tensors": {name: stats}, "layer_t", "bytes_read", "bytes_written", "seconds",
+    "peak_rss_bytes", "files", "num_layers"}``. ``on_tensor(name)`` is called after each tensor
+    is handed to the writer (a hook for progress reporting and for tests that interrupt the merge).
+    Writing overlaps the next tensor's read and merge (one background write in flight).
+    ``threads``: torch threads for the merge math (``None`` = leave torch's setting).
+    """
+    start = time.perf_counter()
+    check_kernel(kernel)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:  # fail before reading anything
+        raise SpearError(f"output {out_dir} already exists; set overwrite=true to replace it, or choose another path")
+    # values are checked by the kernel from the sums of squares it computes anyway (no extra pass)
+    reader = TensorPairReader(Path(base_dir), Path(adapted_dir), check_values=False)
+    layer_map = layer_map_of_dir_config(reader.config)
+    check_tmap_layers(tmap, layer_map.num_layers)
+    names = reader.names
+    specs = [TensorSpec(n, reader.adapted.dtype(n), reader.adapted.shape(n)) for n in names]
+    tensors: dict[str, dict[str, Any]] = {}
+    labels = (str(adapted_dir), str(base_dir))
+    scratch = _Scratch()
+    iterator: Any = names
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(names, desc="merge", unit="tensor", leave=False)
+        iterator = bar
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp, torch_threads(threads):
+        with ShardedSafetensorsWriter(tmp, specs, max_shard_size) as writer, ThreadPoolExecutor(1) as pool:
+            # one write in flight while the next tensor is read and merged (double-buffered scratch)
+            pending = None
+            try:
+                for i, name in enumerate(iterator):
+                    pair = reader.read(name)
+                    t = tmap.t_for(name, layer_map)
+                    merged, stats = merge_tensor(
+                        kernel, pair.adapted, pair.base, t, name=name, params=kernel_params,
+                        check_finite=check_values, labels=labels, out=scratch.get(pair.adapted, i % 2),
+                    )  # fmt: skip
+                    tensors[name] = stats
+                    del pair
+                    if pending is not None:
+                        pending.result()
+                    pending = pool.submit(writer.write, name, merged)
+                    del merged
+                    if on_tensor is not None:
+                        on_tensor(name)
+                if pending is not None:
+                    pending.result()
+                    pending = None
+            finally:
+                if pending is not None:  # failing: let the in-flight write finish before cleanup
+                    wait([pending])
+            summary = writer.close()
+        copy_aux_files(Path(adapted_dir), tmp)
+    if bar is not None:
+        bar.close()
+    return {
+        "tensors": tensors,
+        "layer_t": {str(layer): tmap.layer_t.get(layer, 0.0) for layer in range(layer_map.num_layers)},
+        "num_layers": layer_map.num_layers,
+        "bytes_read": reader.bytes_read,
+        "bytes_written": summary["bytes_written"],
+        "files": summary["files"],
+        "seconds": time.perf_counter() - start,
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
