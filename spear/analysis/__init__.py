@@ -1,0 +1,1 @@
+"""Post-hoc layer analysis: spectra (pure math), metric registry, layer scoring, posterior impact."""
