@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--experiment", required=True, help="experiment name (conf/experiment/<name>.yaml)")
     parser.add_argument("--out", type=Path, default=None, help="default: experiments/<name>")
     parser.add_argument("--notes", type=Path, default=None, help="a Markdown file with the reading of the results")
+    parser.add_argument("--command", default=None, help="the command that produced the runs (default: the config's)")
     args = parser.parse_args(argv)
     from spear.io.atomic import write_text_atomic
 
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     entries, relations, cost, seeds = collect(job_runs(args.runs))
     description, command = experiment_header(args.experiment)
+    command = args.command or command
     notes = args.notes.read_text() if args.notes else ""
     write_text_atomic(out / "README.md", render(args.experiment, entries, relations, cost, seeds, command, description, notes))
     pareto_plot(entries, out / "pareto.png", title=args.experiment)

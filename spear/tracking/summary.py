@@ -80,20 +80,24 @@ def relation(a: dict[str, Any], b: dict[str, Any], axes: Sequence[str] = PARETO_
     return verdict
 
 
-def _fmt(value: Any, ci: list[float] | None = None, digits: int = 3) -> str:
+def _fmt(value: Any, ci: list[float] | None = None, se: float | None = None, digits: int = 3) -> str:
     if value is None:
         return "—"
     if isinstance(value, float):
         text = f"{value:.{digits}f}"
-        return f"{text} ± {(ci[1] - ci[0]) / 2:.{digits}f}" if ci else text
+        if ci:
+            return f"{text} ± {(ci[1] - ci[0]) / 2:.{digits}f}"
+        return f"{text} (se {se:.{digits}f})" if se is not None else text
     return str(value)
 
 
 def markdown_table(entries: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    """A Markdown table of ``columns`` (metric keys) per model, with ± half-widths of 95% CIs."""
+    """A Markdown table of ``columns`` (metric keys) per model: ± half-widths of 95% CIs over seeds,
+    else the metric's own standard error (``<column>_stderr``, e.g. an accuracy's binomial SE)."""
     lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for e in entries:
-        cells = [_fmt(e["metrics"].get(c), e.get("ci95", {}).get(c)) for c in columns]
+        m = e["metrics"]
+        cells = [_fmt(m.get(c), e.get("ci95", {}).get(c), m.get(f"{c}_stderr")) for c in columns]
         lines.append(f"| {e['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
