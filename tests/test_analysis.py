@@ -108,7 +108,7 @@ def test_outputs_follow_the_contract(compose, pair, tmp_path):
     assert ranking["base"]["path"] == str(pair[0].resolve())
     assert ranking["num_layers"] == 4 and sorted(ranking["order"]) == [0, 1, 2, 3]
     params = ranking["impact"]["params"]
-    assert params["components"] == {"swci": 0.5, "svdr_whole": 0.5}
+    assert params["components"] == {"rel_change": 1.0}
     assert params["metric_versions"]["snr_gd"] and params["spectra_method"] in ("svd", "gram", "gram64")
     layer = ranking["layers"][PERTURBED[0]]
     assert layer["rank"] in (1, 2) and {"swci", "svdr", "rel_change", "snr_base"} <= set(layer["metrics"])

@@ -50,3 +50,21 @@ def test_markdown_table_shows_intervals_else_standard_errors():
     seeds = {**single, "ci95": {"arc/acc": [0.5, 0.6]}}
     assert "0.565 ± 0.050" in markdown_table([seeds], ["arc/acc"])
     assert "—" in markdown_table([_entry("x", None, 0.2)], ["general_retention"])
+
+
+def test_collate_posterior_section_correlates_proxies_with_measurements(tmp_path):
+    import json
+
+    from spear.tracking.collate import posterior_section
+
+    truth = [0.04, 0.01, 0.03, -0.02]
+    layers = [{"layer": i, "metrics": {"rel_change": t, "swci": -t, "svdr_whole": 0.5, "random": 0.1 * i},
+               "posterior": {"score": t, "general_recovery": t, "domain_change": -t}} for i, t in enumerate(truth)]
+    ranking = {"order": [0, 2, 1, 3], "layers": layers, "num_layers": 4, "impact": {"name": "posterior"},
+               "posterior": {"reference": {"adapted": {"general": 3.2, "domain": 2.3}, "base": {"general": 3.1, "domain": 2.4}},
+                             "corpora": {"tokens": {"general": 64, "domain": 64}}}}
+    (tmp_path / "ranking.json").write_text(json.dumps(ranking))
+    text = posterior_section(tmp_path)
+    assert "| rel_change | 1.000 |" in text and "| swci | -1.000 |" in text
+    assert "| impact:combined | 1.000 |" in text  # the default preset is rel_change
+    assert "| 3 | -0.0200 | +0.0200 |" in text

@@ -85,6 +85,47 @@ def experiment_header(name: str) -> tuple[str, str]:
     return description, command
 
 
+def posterior_section(ranking_path: Path) -> str:
+    """Markdown: each cheap proxy's Spearman correlation with a posterior ranking.json's measured
+    impact (presets re-scored with the current ``conf/impact`` definitions), and the per-layer
+    measurements."""
+    from spear.analysis.posterior import impact_presets
+    from spear.analysis.scoring import proxy_correlations, read_ranking
+
+    ranking = read_ranking(ranking_path)
+    if "posterior" not in ranking:
+        raise SystemExit(f"error: {ranking_path} has no posterior measurements; run spear.analyze impact=posterior")
+    layers = ranking["layers"]
+    truth = [lay["posterior"]["score"] for lay in layers]
+    corr = proxy_correlations(layers, truth, impact_presets())
+    ref = ranking["posterior"]["reference"]
+    tokens = ranking["posterior"]["corpora"]["tokens"]
+    lines = [
+        "## Cheap proxies vs the measured (posterior) impact",
+        "",
+        f"`impact=posterior` on the same CPT: each of the {len(layers)} layers restored alone (t=1) in memory, "
+        f"general NLL on {tokens['general']} tokens of general text and domain NLL on {tokens['domain']} tokens "
+        f"of held-out domain text (adapted: general {ref['adapted']['general']:.4f}, domain "
+        f"{ref['adapted']['domain']:.4f}; base: general {ref['base']['general']:.4f}, domain "
+        f"{ref['base']['domain']:.4f}). Spearman correlation of each proxy's layer score with the measured "
+        "general recovery (`impact:<name>` rows are the `conf/impact` presets):",
+        "",
+        "| proxy | Spearman |",
+        "|---|---|",
+        *[f"| {k} | {_num(v, 3)} |" for k, v in sorted(corr.items(), key=lambda kv: -(kv[1] if kv[1] is not None else -9))],
+        "",
+        "Per layer: general recovery (nats/token, > 0 = restoring it helps general text) and domain change "
+        "(> 0 = restoring it costs domain).",
+        "",
+        "| layer | general recovery | domain change |",
+        "|---|---|---|",
+        *[f"| {lay['layer']} | {lay['posterior']['general_recovery']:+.4f} | {lay['posterior']['domain_change']:+.4f} |"
+          for lay in layers],
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def _num(x: Any, digits: int = 1) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
@@ -132,6 +173,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--experiment", required=True, help="experiment name (conf/experiment/<name>.yaml)")
     parser.add_argument("--out", type=Path, default=None, help="default: experiments/<name>")
     parser.add_argument("--notes", type=Path, default=None, help="a Markdown file with the reading of the results")
+    parser.add_argument("--posterior", type=Path, default=None, help="a ranking.json (or run dir) of impact=posterior to correlate the proxies with")
     parser.add_argument("--command", default=None, help="the command that produced the runs (default: the config's)")
     args = parser.parse_args(argv)
     from spear.io.atomic import write_text_atomic
@@ -142,6 +184,8 @@ def main(argv: list[str] | None = None) -> Path:
     description, command = experiment_header(args.experiment)
     command = args.command or command
     notes = args.notes.read_text() if args.notes else ""
+    if args.posterior:
+        notes = posterior_section(args.posterior) + ("\n" + notes if notes else "")
     write_text_atomic(out / "README.md", render(args.experiment, entries, relations, cost, seeds, command, description, notes))
     pareto_plot(entries, out / "pareto.png", title=args.experiment)
     (out / "summary.json").write_text(json.dumps({"models": entries, "relations": relations, "cost": cost}, indent=2) + "\n")
