@@ -130,7 +130,8 @@ def _num(x: Any, digits: int = 1) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
 
-def render(name: str, entries, relations, cost, seeds, command: str, description: str, notes: str = "") -> str:
+def render(name: str, entries, relations, cost, seeds, command: str, description: str, notes: str = "",
+           sections: str = "") -> str:
     primary = ["general_retention", "domain_gain_preservation", "mean_t"]
     raw = sorted({k for e in entries for k in e["metrics"]} - set(primary))
     raw = [k for k in raw if not k.endswith("_stderr")]
@@ -162,6 +163,8 @@ def render(name: str, entries, relations, cost, seeds, command: str, description
               *[f"| {c['job']} | {_num(c['cpt_seconds'])} | {_num(c['extra_policy_seconds'])} | "
                 f"{_num(c['extra_policy_vs_cpt'], 3)} | {_num(c['wall_seconds'])} |" for c in cost], "",
               "![pareto](pareto.png)", ""]
+    if sections:
+        lines += [sections, ""]
     if notes:
         lines += ["## Reading", "", notes, ""]
     return "\n".join(lines)
@@ -184,9 +187,8 @@ def main(argv: list[str] | None = None) -> Path:
     description, command = experiment_header(args.experiment)
     command = args.command or command
     notes = args.notes.read_text() if args.notes else ""
-    if args.posterior:
-        notes = posterior_section(args.posterior) + ("\n" + notes if notes else "")
-    write_text_atomic(out / "README.md", render(args.experiment, entries, relations, cost, seeds, command, description, notes))
+    sections = posterior_section(args.posterior) if args.posterior else ""
+    write_text_atomic(out / "README.md", render(args.experiment, entries, relations, cost, seeds, command, description, notes, sections))
     pareto_plot(entries, out / "pareto.png", title=args.experiment)
     (out / "summary.json").write_text(json.dumps({"models": entries, "relations": relations, "cost": cost}, indent=2) + "\n")
     print(out / "README.md")
