@@ -10,41 +10,13 @@ ranking.json so that the ranking is bit-identical for the same inputs).
 from __future__ import annotations
 
 import logging
-import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from spear.cli import hydra_entry
-from spear.errors import SpearError
+from spear.cli import hydra_entry, required_ref
 
 log = logging.getLogger(__name__)
-
-
-def _required(cfg, key: str) -> str:
-    from omegaconf import MissingMandatoryValue
-
-    try:
-        value = cfg[key]
-    except MissingMandatoryValue:
-        raise SpearError(f"{key} is required: set {key}=<HF dir, .gguf file or alias>") from None
-    if value is None or str(value) == "":
-        raise SpearError(f"{key} is empty: set {key}=<HF dir, .gguf file or alias>")
-    return str(value)
-
-
-def _peak_rss_bytes() -> int:
-    """This process's peak RSS (VmHWM on Linux: ru_maxrss would include a forking parent's peak)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def impact_params(cfg, table_params: dict[str, Any]) -> dict[str, Any]:
@@ -100,13 +72,14 @@ def run(cfg) -> dict[str, Any]:
     from spear.analysis.plots import plot_layer_scores
     from spear.analysis.scoring import build_ranking
     from spear.io.atomic import write_json_atomic, write_text_atomic
+    from spear.merging.streaming import peak_rss_bytes
     from spear.models import resolve_model_dir
     from spear.tracking import start_tracker
 
     t0 = time.perf_counter()
     out_dir = Path(cfg.paths.output_dir)
     allow_pickle = bool(cfg.get("allow_pickle", False))
-    base_ref, adapted_ref = _required(cfg, "base"), _required(cfg, "adapted")
+    base_ref, adapted_ref = required_ref(cfg, "base"), required_ref(cfg, "adapted")
     base_dir = resolve_model_dir(base_ref, allow_pickle=allow_pickle).resolve()
     adapted_dir = resolve_model_dir(adapted_ref, allow_pickle=allow_pickle).resolve()
     impact_name = str(cfg.impact.name)
@@ -160,7 +133,7 @@ def run(cfg) -> dict[str, Any]:
     timing_doc = {
         "seconds": timing,
         "bytes_read": reader.bytes_read,
-        "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(),
         "matrices": len(table.rows),
         "spectra_method": table.params["spectra_method"],
     }

@@ -64,3 +64,16 @@ def hydra_entry(config_name: str, run: Callable[[Any], Any]) -> Callable[[], Non
         _main()
 
     return main
+
+
+def required_ref(cfg, key: str) -> str:
+    """A mandatory model reference (``base``, ``adapted``): a one-line error when unset or empty."""
+    from omegaconf import MissingMandatoryValue
+
+    try:
+        value = cfg[key]
+    except MissingMandatoryValue:
+        raise SpearError(f"{key} is required: set {key}=<HF dir, .gguf file or alias>") from None
+    if value is None or str(value) == "":
+        raise SpearError(f"{key} is empty: set {key}=<HF dir, .gguf file or alias>")
+    return str(value)

@@ -20,22 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spear.cli import hydra_entry
+from spear.cli import hydra_entry, required_ref
 from spear.errors import SpearError
 
 log = logging.getLogger(__name__)
-
-
-def _required(cfg, key: str) -> str:
-    from omegaconf import MissingMandatoryValue
-
-    try:
-        value = cfg[key]
-    except MissingMandatoryValue:
-        raise SpearError(f"{key} is required: set {key}=<HF dir, .gguf file or alias>") from None
-    if value is None or str(value) == "":
-        raise SpearError(f"{key} is empty: set {key}=<HF dir, .gguf file or alias>")
-    return str(value)
 
 
 def _container(node) -> dict[str, Any]:
@@ -144,7 +132,7 @@ def run(cfg) -> dict[str, Any]:
     if model_out.exists() and not overwrite:
         raise SpearError(f"output {model_out} already exists; set overwrite=true to replace it, or choose another run dir")
     allow_pickle = bool(cfg.get("allow_pickle", False))
-    base_ref, adapted_ref = _required(cfg, "base"), _required(cfg, "adapted")
+    base_ref, adapted_ref = required_ref(cfg, "base"), required_ref(cfg, "adapted")
     base_dir = resolve_model_dir(base_ref, allow_pickle=allow_pickle).resolve()
     adapted_dir = resolve_model_dir(adapted_ref, allow_pickle=allow_pickle).resolve()
     policy = _container(cfg.policy)
