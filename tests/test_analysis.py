@@ -188,12 +188,34 @@ def test_sharded_pair_gives_the_same_ranking(compose, pair, tmp_path):
     assert ra["layers"] == rb["layers"] and ra["order"] == rb["order"]
 
 
-def test_spectrum_snr_ranking(pair):
+def quiet_tail(t: torch.Tensor, f: float, keep: float = 0.2) -> torch.Tensor:
+    """``t`` with its top ``k = keep * r`` singular values kept and the other ``r - k`` scaled by ``f``.
+
+    With ``k < r/4`` both quartiles lie in the tail, so Spectrum's threshold scales by ``f`` with it
+    and the tail's split above/below is unchanged: the original's ``snr = (S_k + A) / (B s0)`` (SPEC
+    §1.2) becomes ``(S_k + f A) / (f B s0)``, at least ``1 + (1 - f) k / (f r)`` times higher
+    (``S_k >= k/r`` of the sum above): 19x for ``f = 0.01``, 2.7x for ``f = 0.1``.
+    """
+    u, s, vh = torch.linalg.svd(t.to(torch.float64), full_matrices=False)
+    k = int(keep * s.numel())
+    s = torch.cat([s[:k], f * s[k:]])
+    return ((u * s) @ vh).to(t.dtype)
+
+
+SNR_PLANTED = {2: 0.01, 1: 0.1}  # layer -> tail scale: layer 2 gets the clearly higher Spectrum SNR
+
+
+def test_spectrum_snr_ranking(tiny_llama_dir, tmp_path):
     from spear.analysis.scoring import spectrum_snr_ranking
 
-    order = spectrum_snr_ranking(pair[0])
-    assert sorted(order) == [0, 1, 2, 3]
-    assert order == spectrum_snr_ranking(pair[0])
+    def plant(name: str, t: torch.Tensor) -> torch.Tensor:
+        m = _LAYER.search(name)
+        return quiet_tail(t, SNR_PLANTED[int(m.group(1))]) if m and int(m.group(1)) in SNR_PLANTED else t
+
+    planted = write_model(tiny_llama_dir, tmp_path / "planted", plant)
+    order = spectrum_snr_ranking(planted)
+    assert order[:2] == [2, 1] and sorted(order) == [0, 1, 2, 3], order
+    assert order == spectrum_snr_ranking(planted)
 
 
 def test_different_architectures_are_refused(compose, tmp_path):

@@ -64,11 +64,48 @@ def test_smollm2_drifted_layers_rank_first(compose, smollm2_dir, drifted, tmp_pa
     assert set(ranking["order"][:3]) == set(DRIFTED), ranking["order"]
 
 
-def test_smollm2_spectrum_snr_ranking(smollm2_dir):
+def quiet_tail(t: torch.Tensor, f: float, keep: float = 0.2) -> torch.Tensor:
+    """``t`` with its top ``keep`` fraction of singular values kept, the rest scaled by ``f``.
+
+    Raises its Spectrum ``snr`` at least ``1 + (1 - f) k / (f r)`` times (``k`` kept of ``r``); see
+    ``test_analysis.quiet_tail``.
+    """
+    u, s, vh = torch.linalg.svd(t.to(torch.float64), full_matrices=False)
+    k = int(keep * s.numel())
+    s = torch.cat([s[:k], f * s[k:]])
+    return ((u * s) @ vh).to(t.dtype)
+
+
+# layer -> tail scale. SmolLM2's own Spectrum SNRs spread widely (one v_proj is 13x the next), so
+# the planted layers need not top every module type: topping the other six is enough to rank first.
+SNR_PLANTED = {20: 0.005, 7: 0.03}
+
+
+def test_smollm2_spectrum_snr_ranking(smollm2_dir, tmp_path):
+    """Layers given quiet tails outrank SmolLM2's own; only their tensors are written, the rest is linked."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     from spear.analysis.scoring import spectrum_snr_ranking
 
-    order = spectrum_snr_ranking(smollm2_dir)
-    assert sorted(order) == list(range(30))
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    shutil.copy(smollm2_dir / "config.json", planted / "config.json")
+    layer_re = re.compile(r"layers\.(\d+)\.(self_attn|mlp)\.\w+_proj\.weight$")
+    weight_map, tensors = {}, {}
+    for f in sorted(smollm2_dir.glob("*.safetensors")):
+        (planted / f.name).symlink_to(f)
+        with safe_open(str(f), "pt") as h:
+            for name in h.keys():
+                m = layer_re.search(name)
+                if m and int(m.group(1)) in SNR_PLANTED:
+                    tensors[name] = quiet_tail(h.get_tensor(name), SNR_PLANTED[int(m.group(1))]).contiguous()
+                weight_map[name] = "planted.safetensors" if name in tensors else f.name
+    assert len(tensors) == 7 * len(SNR_PLANTED)
+    save_file(tensors, str(planted / "planted.safetensors"), metadata={"format": "pt"})
+    (planted / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    order = spectrum_snr_ranking(planted)
+    assert order[:2] == [20, 7] and sorted(order) == list(range(30)), order
 
 
 def test_smollm2_posterior_smoke(compose, drifted, tmp_path):

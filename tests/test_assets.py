@@ -18,6 +18,7 @@ from spear.embedded import ASSET_LAYOUT, asset_path, gnucash, olmo_eval, smollm2
 from spear.embedded import manifest as mf
 from spear.embedded import prepare as prep
 from spear.errors import SpearError
+from spear.io.hashing import file_sha256
 
 # ---- DocBook (GnuCash guide) ----------------------------------------------------------------
 
@@ -302,7 +303,7 @@ def test_manifest_entry_presence_and_verify(tmp_path):
     path.write_text("hello world\n")
     manifest = {"assets": {"general_text": mf.make_entry(tmp_path, "general_text", source={"kind": "local"}, licence="CC")}}
     entry = manifest["assets"]["general_text"]
-    assert entry["bytes"] == 12 and entry["num_files"] == 1 and entry["sha256"] == sources.sha256_file(path)
+    assert entry["bytes"] == 12 and entry["num_files"] == 1 and entry["sha256"] == file_sha256(path)
     assert mf.is_present(tmp_path, "general_text", manifest) and mf.verify_entry(tmp_path, "general_text", manifest)
     path.write_text("hello World\n")  # same size, different bytes: only verify notices
     assert mf.is_present(tmp_path, "general_text", manifest) and not mf.verify_entry(tmp_path, "general_text", manifest)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from spear.errors import SpearError
+from spear.runtime import resolve_device, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -225,18 +226,6 @@ def within_type_percentiles(rows: list[MatrixRow], values: list[float]) -> list[
 
 
 # ---- computation ----------------------------------------------------------------------------
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SpearError(f"device={device!r} but no CUDA device is available; set device=cpu (or auto)")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise SpearError(f"device={device!r} is unknown; use auto, cpu or cuda")
-    return device
-
-
 def resolve_workers(workers: Any) -> int | None:
     """``spectra.workers``: auto -> None (torch's thread count), 0 = torch's own threading, n >= 1."""
     if workers is None or str(workers) == "auto":
@@ -347,7 +336,6 @@ def compute_table(
 
     import torch
 
-    from spear.analysis.spectra import _intra_op_threads
     from spear.io.reader import check_stack_finite, low_heap_retention
 
     values: dict[str, dict[str, float]] = {}
@@ -359,7 +347,7 @@ def compute_table(
     with (
         _progress(len(names), progress, "spectra") as bar,
         low_heap_retention(),
-        _intra_op_threads(1) if single else contextlib.nullcontext(),
+        torch_threads(1) if single else contextlib.nullcontext(),
     ):
         for batch_names in reader.plan_batches(names, max_bytes=batch_bytes):
             shape = reader.base.shape(batch_names[0])

@@ -3,22 +3,19 @@
 Per metric column, each matrix's value becomes its percentile among the matrices of the same
 module type (scale-free), and a layer's metric score is the mean over its matrices (or over one
 group's matrices, ``attn``/``mlp``, for ``policy.granularity=module``). The impact score is a
-weighted sum of named metric scores, ``impact.components`` (``combined``: swci and whole-spectrum
-svdr, 0.5 each). Ties are broken by layer index (lower first), so identical models still rank.
+weighted sum of named metric scores, ``impact.components`` (the options and their components are in
+:mod:`spear.config.schema`). Ties are broken by layer index (lower first), so identical models still rank.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from spear.analysis.metrics import MatrixRow, MatrixTable, within_type_percentiles
 from spear.errors import SpearError
-
-GROUPS = ("attn", "mlp")
-RANKING_FILE = "ranking.json"
+from spear.models.layer_map import GROUPS
 
 
 def _clean(x: float | None) -> float | None:
@@ -177,23 +174,6 @@ def proxy_correlations(ranking_layers: list[dict[str, Any]], truth: list[float |
             combo = [sum(w * lay["metrics"][c] for c, w in comps.items()) for lay in ranking_layers]
             out[f"impact:{name}"] = _clean(spearman(combo, truth))
     return out
-
-
-def read_ranking(path: Path) -> dict[str, Any]:
-    """A ranking.json (file or the run dir holding it), checked for the keys later stages use."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / RANKING_FILE
-    if not path.exists():
-        raise SpearError(f"ranking {path} not found; run `python -m spear.analyze adapted=<model>` first, or point to its ranking.json")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise SpearError(f"ranking {path} is not valid JSON ({err}); re-run spear.analyze") from None
-    missing = [k for k in ("order", "layers", "num_layers", "impact") if k not in doc]
-    if missing:
-        raise SpearError(f"ranking {path} lacks {', '.join(missing)}; it is not a spear.analyze ranking.json")
-    return doc
 
 
 def _namespace(d: dict[str, Any]):

@@ -7,12 +7,12 @@ SPEC §1.2; ``beta = min(n, p) / max(n, p)``.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
+from spear.runtime import torch_threads
 
 SPECTRA_METHODS = ("svd", "gram", "gram64")
 # Spectrum's noise-scale estimate: IQR of a Gaussian is 1.349 sigma.
@@ -32,16 +32,6 @@ def _batched(mats: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return mats, False
 
 
-@contextlib.contextmanager
-def _intra_op_threads(n: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def singular_values(mats: torch.Tensor, method: str = "svd", workers: int | None = 0) -> torch.Tensor:
     """Singular values in descending order, float32, on ``mats``' device.
 
@@ -59,7 +49,7 @@ def singular_values(mats: torch.Tensor, method: str = "svd", workers: int | None
     batch, single = _batched(mats)
     if batch.device.type == "cpu" and workers != 0:
         n = torch.get_num_threads() if workers is None else int(workers)
-        with _intra_op_threads(1):
+        with torch_threads(1):
             if n <= 1 or batch.shape[0] == 1:
                 s = _singular_values(batch, method)
             else:

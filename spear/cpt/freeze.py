@@ -28,7 +28,6 @@ freezing either freezes both (the plan says so in ``notes``). The final norm alw
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -37,11 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from spear.errors import SpearError
+from spear.models.layer_map import GROUPS
 
 log = logging.getLogger(__name__)
 
-MODES = ("none", "ranked", "last", "first", "layers")
-GROUPS = ("attn", "mlp")
 EMBEDDING_CHOICES = ("none", "input", "output", "both")
 
 
@@ -69,14 +67,6 @@ class FreezePlan:
         d["num_trainable_params"] = len(self.trainable_params)
         d["notes"] = list(self.notes)
         return d
-
-
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    if cfg is None:
-        return default
-    if isinstance(cfg, Mapping):
-        return cfg.get(key, default)
-    return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
 
 
 def _as_list(value: Any) -> list:
@@ -128,15 +118,9 @@ def _embeddings_choice(value: Any) -> str:
     return value
 
 
-def _check_k(freeze_cfg: Any, num_layers: int, mode: str) -> int:
-    k = _get(freeze_cfg, "k")
-    if k is None:
-        raise SpearError(f"freeze={mode} needs freeze.k (the number of layers to freeze)")
-    try:
-        k = int(k)
-    except (TypeError, ValueError):
-        raise SpearError(f"freeze.k={k!r} is not an integer") from None
-    if k < 0 or k > num_layers:
+def _check_k(freeze_cfg: Any, num_layers: int) -> int:
+    k = freeze_cfg.k
+    if k > num_layers:
         raise SpearError(f"freeze.k={k} is out of range: the model has {num_layers} layers; use 0 <= freeze.k <= {num_layers}")
     return k
 
@@ -162,25 +146,17 @@ def check_ranking(order: Sequence[int], num_layers: int, source: str, ranked_lay
 
 
 def select_layers(freeze_cfg: Any, num_layers: int, ranking: Sequence[int] | None = None) -> list[int]:
-    """The decoder layers ``freeze_cfg`` freezes (sorted)."""
-    mode = str(_get(freeze_cfg, "mode", "none"))
-    if mode not in MODES:
-        raise SpearError(f"freeze.mode={mode!r} is unknown; use one of {', '.join(MODES)}")
+    """The decoder layers ``freeze_cfg`` (a validated ``freeze`` config) freezes (sorted)."""
+    mode = freeze_cfg.mode
     if mode == "none":
         return []
     if mode == "layers":
-        raw = _get(freeze_cfg, "layers")
-        if raw is None:
-            raise SpearError("freeze=layers needs freeze.layers, e.g. freeze.layers=[0,3,7]")
-        try:
-            layers = [int(x) for x in _as_list(raw)]
-        except (TypeError, ValueError):
-            raise SpearError(f"freeze.layers={raw!r} must be a list of layer indices") from None
+        layers = list(freeze_cfg.layers)
         bad = [x for x in layers if not 0 <= x < num_layers]
         if bad:
             raise SpearError(f"freeze.layers has {bad} outside [0, {num_layers}): the model has {num_layers} layers")
         return sorted(set(layers))
-    k = _check_k(freeze_cfg, num_layers, mode)
+    k = _check_k(freeze_cfg, num_layers)
     if mode == "first":
         return list(range(k))
     if mode == "last":
@@ -207,10 +183,10 @@ def plan_freeze(
     """Plan a freeze mask. ``param_names`` are the model's (deduplicated) parameter names;
     ``input_embedding``/``output_embedding`` name the embedding parameters (the output one is
     absent from ``param_names`` when ``tied``)."""
-    mode = str(_get(freeze_cfg, "mode", "none"))
+    mode = freeze_cfg.mode
     layers = select_layers(freeze_cfg, layer_map.num_layers, ranking)
-    modules = resolve_modules(_get(freeze_cfg, "modules", "all"), layer_map.modules)
-    embeddings = _embeddings_choice(_get(freeze_cfg, "embeddings", "none"))
+    modules = resolve_modules(freeze_cfg.modules, layer_map.modules)
+    embeddings = _embeddings_choice(freeze_cfg.embeddings)
     notes: list[str] = []
 
     layer_set = set(layers)
@@ -259,36 +235,16 @@ def plan_freeze(
 
 
 # -- IO: rankings ---------------------------------------------------------------------------------
-def load_ranking(path: str | Path, num_layers: int) -> list[int]:
-    """``order`` of a SPEC §2.4 ranking.json, validated against the model's layer count."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        path = path / "ranking.json"
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SpearError(f"freeze.ranking={path} does not exist; give the ranking.json of `python -m spear.analyze`") from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise SpearError(f"freeze.ranking={path} is not a readable ranking.json ({err}); fix the file or the path") from None
-    if not isinstance(data, dict) or "order" not in data:
-        raise SpearError(f"freeze.ranking={path} has no 'order' list (SPEC §2.4); give the ranking.json of `python -m spear.analyze`")
-    return check_ranking(data["order"], num_layers, str(path), data.get("num_layers", len(data["order"])))
-
-
 def ranking_for(freeze_cfg: Any, model_dir: str | Path, num_layers: int) -> tuple[list[int] | None, str | None]:
     """(ranking, where it came from) for ``freeze=ranked``; ``(None, None)`` for other modes."""
-    if str(_get(freeze_cfg, "mode", "none")) != "ranked":
+    from spear.analysis.ranking import Ranking
+    from spear.analysis.scoring import spectrum_snr_ranking
+
+    if freeze_cfg.mode != "ranked":
         return None, None
-    path = _get(freeze_cfg, "ranking")
-    if path:
-        return load_ranking(path, num_layers), str(path)
-    try:
-        from spear.analysis.scoring import spectrum_snr_ranking
-    except ImportError:
-        raise SpearError(
-            "freeze=ranked without freeze.ranking needs spear.analysis.scoring.spectrum_snr_ranking, which is not "
-            "available; set freeze.ranking to a ranking.json"
-        ) from None
+    if freeze_cfg.ranking:
+        ranking = Ranking.load(freeze_cfg.ranking, key="freeze.ranking").check_layers(num_layers, "freeze.ranking")
+        return list(ranking.order), str(freeze_cfg.ranking)
     log.info("freeze=ranked: no freeze.ranking given; computing the Spectrum SNR ranking of the base model %s", model_dir)
     order = spectrum_snr_ranking(Path(model_dir))
     return check_ranking(order, num_layers, "the Spectrum SNR ranking"), "spectrum_snr(base)"

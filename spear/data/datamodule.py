@@ -26,39 +26,6 @@ from spear.errors import SpearError
 
 log = logging.getLogger(__name__)
 
-DATA_DEFAULTS: dict[str, Any] = {
-    "format": "auto",
-    "text_field": "text",
-    "doc_separator": None,
-    "add_eos": True,
-    "block_size": 256,
-    "batch_size": 4,
-    "eval_batch_size": None,
-    "val_fraction": 0.05,
-    "split_seed": 1234,
-    "shuffle": True,
-    "num_workers": 0,
-    "cache": True,
-    "cache_dir": None,
-}
-
-
-def _data_opts(data_cfg) -> dict[str, Any]:
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(data_cfg, DictConfig) and "paths" in data_cfg and OmegaConf.is_missing(data_cfg, "paths"):
-        raise SpearError("data.paths is required; give text/JSONL files, globs, dirs or asset:<name>, e.g. data.paths=[corpus.txt]")
-    raw = OmegaConf.to_container(data_cfg, resolve=True) if isinstance(data_cfg, DictConfig) else dict(data_cfg)
-    opts = {**DATA_DEFAULTS, **raw}
-    if "paths" not in opts:
-        raise SpearError("data.paths is missing; give text/JSONL files, globs, dirs or asset:<name>")
-    if int(opts["batch_size"]) < 1:
-        raise SpearError(f"data.batch_size={opts['batch_size']} must be >= 1")
-    if not 0.0 <= float(opts["val_fraction"]) < 1.0:
-        raise SpearError(f"data.val_fraction={opts['val_fraction']} must be in [0, 1)")
-    return opts
-
-
 class BlockDataset(Dataset):
     """Rows of a (num_blocks, block_size) token array, selected by ``indices``, as int64 tensors."""
 
@@ -162,9 +129,10 @@ def split_blocks(num_blocks: int, val_fraction: float, seed: int) -> tuple[np.nd
 class SpearDataModule(pl.LightningDataModule):
     """Packed-corpus data for CPT: ``{"input_ids": LongTensor[batch, block_size]}`` batches."""
 
-    def __init__(self, data_cfg, tokenizer, seed: int = 0) -> None:
+    def __init__(self, data_cfg, tokenizer, seed: int) -> None:
+        """``data_cfg``: the validated ``data`` config; ``seed`` orders the training blocks per epoch."""
         super().__init__()
-        self.opts = _data_opts(data_cfg)
+        self.data = data_cfg
         self.tokenizer = tokenizer
         self.seed = int(seed)
         self.corpus: PackedCorpus | None = None
@@ -173,24 +141,22 @@ class SpearDataModule(pl.LightningDataModule):
 
     # -- data preparation -------------------------------------------------------------------
     def load_corpus(self) -> PackedCorpus:
-        o = self.opts
+        d = self.data
         if self.corpus is None:
             self.corpus = tokenize_and_pack(
-                o["paths"],
+                list(d.paths),
                 self.tokenizer,
-                int(o["block_size"]),
-                format=o["format"],
-                text_field=o["text_field"],
-                doc_separator=o["doc_separator"],
-                add_eos=bool(o["add_eos"]),
-                cache_dir=o["cache_dir"] if o["cache"] else None,
+                d.block_size,
+                format=d.format,
+                text_field=d.text_field,
+                doc_separator=d.doc_separator,
+                add_eos=d.add_eos,
+                cache_dir=d.cache_dir if d.cache else None,
             )
-            self.train_indices, self.val_indices = split_blocks(
-                self.corpus.num_blocks, float(o["val_fraction"]), int(o["split_seed"])
-            )
-            if len(self.train_indices) < int(o["batch_size"]):
+            self.train_indices, self.val_indices = split_blocks(self.corpus.num_blocks, d.val_fraction, d.split_seed)
+            if len(self.train_indices) < d.batch_size:
                 raise SpearError(
-                    f"{len(self.train_indices)} training block(s) cannot fill one batch of data.batch_size={o['batch_size']}; "
+                    f"{len(self.train_indices)} training block(s) cannot fill one batch of data.batch_size={d.batch_size}; "
                     "add text, lower data.block_size or data.batch_size"
                 )
         return self.corpus
@@ -219,8 +185,8 @@ class SpearDataModule(pl.LightningDataModule):
         rank, world = self._rank_world()
         sampler = ResumableBatchSampler(
             len(self.train_indices),
-            int(self.opts["batch_size"]),
-            shuffle=bool(self.opts["shuffle"]),
+            self.data.batch_size,
+            shuffle=self.data.shuffle,
             seed=self.seed,
             rank=rank,
             world_size=world,
@@ -229,7 +195,7 @@ class SpearDataModule(pl.LightningDataModule):
         if len(sampler) == 0:
             raise SpearError(
                 f"{len(self.train_indices)} training blocks over {world} device(s) cannot fill one batch of "
-                f"data.batch_size={self.opts['batch_size']}; add text or lower data.batch_size / data.block_size"
+                f"data.batch_size={self.data.batch_size}; add text or lower data.batch_size / data.block_size"
             )
         return sampler
 
@@ -238,7 +204,7 @@ class SpearDataModule(pl.LightningDataModule):
         return ResumableDataLoader(
             BlockDataset(corpus.blocks, self.train_indices),
             batch_sampler=self.train_sampler(),
-            num_workers=int(self.opts["num_workers"]),
+            num_workers=self.data.num_workers,
         )
 
     def val_dataloader(self) -> DataLoader | list:
@@ -249,14 +215,14 @@ class SpearDataModule(pl.LightningDataModule):
         indices = self.val_indices[rank::world] if world > 1 else self.val_indices
         return DataLoader(
             BlockDataset(corpus.blocks, indices),
-            batch_size=int(self.opts["eval_batch_size"] or self.opts["batch_size"]),
+            batch_size=self.data.eval_batch_size or self.data.batch_size,
             shuffle=False,
-            num_workers=int(self.opts["num_workers"]),
+            num_workers=self.data.num_workers,
         )
 
     @property
     def tokens_per_batch(self) -> int:
-        return int(self.opts["batch_size"]) * int(self.opts["block_size"])
+        return self.data.batch_size * self.data.block_size
 
     def describe(self) -> dict[str, Any]:
         corpus = self.load_corpus()

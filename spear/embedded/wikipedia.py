@@ -22,6 +22,7 @@ from pathlib import Path
 
 from spear.embedded import sources
 from spear.errors import SpearError
+from spear.io.hashing import file_sha256
 
 GENSIM_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
@@ -258,7 +259,7 @@ def read_dump(local: str | None, downloads: Path) -> tuple[bytes, dict]:
     if local:
         path = sources.check_local(local, KEY, ASSET)
         source = {"kind": "local", "key": f"assets.local.{KEY}", "path": str(path.resolve()),
-                  "artifact_sha256": sources.sha256_file(path)}  # fmt: skip
+                  "artifact_sha256": file_sha256(path)}  # fmt: skip
         if path.suffix in (".whl", ".zip"):
             data = sources.read_zip_member(path, GENSIM_MEMBER)
         elif path.name.endswith((".tar.gz", ".tgz")):
@@ -274,7 +275,7 @@ def read_dump(local: str | None, downloads: Path) -> tuple[bytes, dict]:
                                      example=f"/path/to/gensim-{VERSION}-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
                                      platform_args=PLATFORM_ARGS)  # fmt: skip
         source = {"kind": "pypi", "package": DIST, "version": VERSION, "how": "pip download",
-                  "artifact": str(wheel), "artifact_sha256": sources.sha256_file(wheel)}  # fmt: skip
+                  "artifact": str(wheel), "artifact_sha256": file_sha256(wheel)}  # fmt: skip
         data = sources.read_zip_member(wheel, GENSIM_MEMBER)
     source |= {"member": GENSIM_MEMBER, "sha256": sources.sha256_bytes(data), "bytes": len(data)}
     return data, source

@@ -1,5 +1,5 @@
-"""Evaluate an in-memory model with lm-eval (local ``spear_*`` tasks or any lm-eval task) and
-sliding-window perplexity, as described by an ``eval`` suite config (``conf/eval/*.yaml``).
+"""Evaluate an in-memory model with lm-eval (local ``spear_*`` tasks or any lm-eval task), as the
+``eval`` suite says, and on the general/domain NLL proxies, as ``proxy`` says.
 
 :func:`evaluate_model` is what ``spear.evaluate`` and the pipeline call; it returns the content
 of ``results.json`` (SPEC §2.6)::
@@ -28,14 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from spear.errors import SpearError
+from spear.evaluation.proxy import ProxyEvaluator
 from spear.evaluation.retention import LOWER_IS_BETTER
 
 log = logging.getLogger(__name__)
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 LOCAL_PREFIX = "spear_"
-# metric preference for the one number per task that retention uses (first present wins)
-DEFAULT_PRIMARY = ("acc", "acc_norm", "exact_match,flexible-extract", "exact_match,strict-match", "exact_match", "bits_per_byte")
 
 
 # ----------------------------------------------------------------------------- task resolution
@@ -54,12 +53,9 @@ def _quiet_lm_eval() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropExpectedNotices) for f in logger.filters):
             logger.addFilter(_DropExpectedNotices())
-    try:
-        import datasets
+    import datasets
 
-        datasets.disable_progress_bars()
-    except Exception:  # pragma: no cover - datasets is a dependency
-        pass
+    datasets.disable_progress_bars()
 
 
 @functools.lru_cache(maxsize=2)
@@ -111,52 +107,27 @@ def _limit_count(limit: Any, n_docs: int, name: str) -> int | None:
     return min(int(limit), n_docs)
 
 
-def _plain(obj: Any) -> Any:
-    """OmegaConf nodes -> plain containers (config values may come either way)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, DictConfig | ListConfig):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return obj
-
-
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    value = cfg.get(key, default) if cfg is not None else default
-    return default if value is None and default is not None else _plain(value)
-
-
 # ----------------------------------------------------------------------------- lm-eval
 def _batch_size(eval_cfg, device) -> int | str:
-    batch = _get(eval_cfg, "batch_size", "auto")
-    if str(batch).startswith("auto"):
-        return str(batch) if getattr(device, "type", str(device)) == "cuda" else int(_get(eval_cfg, "cpu_batch_size", 8))
-    try:
-        return int(batch)
-    except (TypeError, ValueError):
-        raise SpearError(f"eval.batch_size={batch!r}: use an integer or auto") from None
+    if eval_cfg.batch_size == "auto":
+        return "auto" if getattr(device, "type", str(device)) == "cuda" else eval_cfg.cpu_batch_size
+    return eval_cfg.batch_size
 
 
 def run_lm_eval(model, tokenizer, eval_cfg) -> dict[str, Any] | None:
     """lm-eval's ``simple_evaluate`` on the suite's tasks with per-task limits; the raw result dict."""
-    names = [str(n) for n in (_get(eval_cfg, "tasks") or [])]
+    names = list(eval_cfg.tasks)
     if not names:
         return None
-    if len(set(names)) != len(names):
-        raise SpearError(f"eval.tasks lists a task twice: {names}")
     _quiet_lm_eval()
     from lm_eval import simple_evaluate
     from lm_eval.api.group import Group
     from lm_eval.models.huggingface import HFLM
 
     tm = task_manager(names)
-    limits = _get(eval_cfg, "limits") or {}
-    default_limit = _get(eval_cfg, "limit")
-    fewshot = _get(eval_cfg, "num_fewshot")
-    if fewshot is not None and not isinstance(fewshot, int | Mapping):
-        raise SpearError(f"eval.num_fewshot={fewshot!r}: use an integer, a mapping task -> integer, or null")
+    limits = eval_cfg.limits
+    default_limit = eval_cfg.limit
+    fewshot = eval_cfg.num_fewshot
     unknown_limits = sorted(set(limits) - set(names))
     if unknown_limits:
         log.warning("eval.limits names tasks that are not in eval.tasks (ignored): %s", ", ".join(unknown_limits))
@@ -189,8 +160,8 @@ def run_lm_eval(model, tokenizer, eval_cfg) -> dict[str, Any] | None:
             pretrained=model,
             tokenizer=tokenizer,
             batch_size=_batch_size(eval_cfg, device),
-            max_batch_size=int(_get(eval_cfg, "max_batch_size", 64)),
-            max_length=_get(eval_cfg, "max_length"),
+            max_batch_size=eval_cfg.max_batch_size,
+            max_length=eval_cfg.max_length,
         )
         raw = simple_evaluate(
             model=lm,
@@ -198,13 +169,13 @@ def run_lm_eval(model, tokenizer, eval_cfg) -> dict[str, Any] | None:
             task_manager=tm,
             num_fewshot=fewshot if isinstance(fewshot, int) else None,
             samples=samples or None,
-            bootstrap_iters=int(_get(eval_cfg, "bootstrap_iters", 0)),
-            gen_kwargs=_get(eval_cfg, "gen_kwargs") or None,
-            log_samples=bool(_get(eval_cfg, "log_samples", False)),
-            random_seed=int(_get(eval_cfg, "seed", 0)),
-            numpy_random_seed=1234,
-            torch_random_seed=1234,
-            fewshot_random_seed=1234,
+            bootstrap_iters=eval_cfg.bootstrap_iters,
+            gen_kwargs=eval_cfg.gen_kwargs or None,
+            log_samples=eval_cfg.log_samples,
+            random_seed=eval_cfg.seeds.random,
+            numpy_random_seed=eval_cfg.seeds.numpy,
+            torch_random_seed=eval_cfg.seeds.torch,
+            fewshot_random_seed=eval_cfg.seeds.fewshot,
         )
     finally:
         model.train(was_training)
@@ -238,7 +209,7 @@ def lower_is_better(metric: str) -> bool:
     return metric.split(",", 1)[0] in LOWER_IS_BETTER
 
 
-def primary_metric(metrics: Mapping[str, Any], preference: Iterable[str] = DEFAULT_PRIMARY) -> str | None:
+def primary_metric(metrics: Mapping[str, Any], preference: Iterable[str]) -> str | None:
     """The first metric of ``preference`` the task reports (else its first non-stderr metric)."""
     for name in preference:
         if metrics.get(name) is not None:
@@ -246,15 +217,15 @@ def primary_metric(metrics: Mapping[str, Any], preference: Iterable[str] = DEFAU
     return next((m for m, v in metrics.items() if not _is_stderr(m) and v is not None), None)
 
 
-def summarize_lm_eval(raw: Mapping[str, Any], names: list[str], eval_cfg=None) -> dict[str, Any]:
+def summarize_lm_eval(raw: Mapping[str, Any], names: list[str], eval_cfg) -> dict[str, Any]:
     """The ``tasks``/``subtasks``/``primary_metric``/... parts of results.json from lm-eval's output."""
     results = raw.get("results", {})
     groups = raw.get("groups", {})
     owner = raw.get("spear_owner", {})
     hib_raw = raw.get("higher_is_better", {})
     n_samples = raw.get("n-samples", {})
-    preference = list(_get(eval_cfg, "primary_metrics") or DEFAULT_PRIMARY) if eval_cfg is not None else DEFAULT_PRIMARY
-    overrides = (_get(eval_cfg, "primary_metric") or {}) if eval_cfg is not None else {}
+    preference = eval_cfg.primary_metrics
+    overrides = eval_cfg.primary_metric
 
     tasks: dict[str, dict[str, float | None]] = {}
     subtasks: dict[str, dict[str, float | None]] = {}
@@ -292,106 +263,39 @@ def summarize_lm_eval(raw: Mapping[str, Any], names: list[str], eval_cfg=None) -
     }
 
 
-# ----------------------------------------------------------------------------- perplexity corpora
-def corpus_specs(eval_cfg) -> dict[str, dict[str, Any]]:
-    """``eval.perplexity.corpora`` normalised to ``{name: {"source": str, "max_tokens": int|None}}``."""
-    ppl = _get(eval_cfg, "perplexity") or {}
-    corpora = ppl.get("corpora") or {}
-    out = {}
-    for name, spec in corpora.items():
-        if spec is None:
-            continue
-        if isinstance(spec, str):
-            spec = {"source": spec}
-        if "source" not in spec:
-            raise SpearError(f"eval.perplexity.corpora.{name} needs a source (an asset name or a text file path)")
-        out[str(name)] = {"source": str(spec["source"]), "max_tokens": spec.get("max_tokens")}
-    return out
-
-
-def corpus_path(source: str, name: str = "corpus") -> Path:
-    """The file of a corpus given as an embedded asset name (``general_text``, ...) or a path."""
-    from spear.embedded import ASSET_LAYOUT, asset_path
-
-    path = asset_path(source) if source in ASSET_LAYOUT else Path(source).expanduser()
-    if not path.is_file():
-        raise SpearError(
-            f"eval.perplexity.corpora.{name}.source={source!r} is neither an embedded asset "
-            f"({', '.join(k for k in ASSET_LAYOUT if k != 'smollm2_135m')}) nor a text file"
-        )
-    return path
-
-
-def read_corpus(source: str, name: str = "corpus") -> str:
-    return corpus_path(source, name).read_text(encoding="utf-8", errors="replace")
-
-
-def run_perplexity(model, tokenizer, eval_cfg) -> dict[str, dict[str, Any]]:
-    """``{corpus: {"nll", "ppl", "tokens"}}`` for the suite's corpora."""
-    from spear.evaluation.perplexity import corpus_nll
-
-    ppl_cfg = _get(eval_cfg, "perplexity") or {}
-    out = {}
-    for name, spec in corpus_specs(eval_cfg).items():
-        start = time.perf_counter()
-        text = read_corpus(spec["source"], name)
-        out[name] = corpus_nll(
-            model,
-            tokenizer,
-            text,
-            max_length=int(ppl_cfg.get("max_length") or 512),
-            stride=int(ppl_cfg.get("stride") or 256),
-            max_tokens=spec["max_tokens"],
-            batch_size=int(ppl_cfg.get("batch_size") or 4),
-            progress=True,
-        )
-        log.info("perplexity %s: %.3f (nll %.4f, %d tokens, %.1fs)", name, out[name]["ppl"] or math.inf,
-                 out[name]["nll"], out[name]["tokens"], time.perf_counter() - start)
-    return out
-
-
 # ----------------------------------------------------------------------------- the library entry
-def check_suite(eval_cfg, check_files: bool = True) -> None:
-    """Task names must exist; the general/domain lists must name tasks and corpora the suite evaluates."""
-    tasks = {str(t) for t in (_get(eval_cfg, "tasks") or [])}
-    if tasks:
-        task_manager(sorted(tasks))  # unknown names: SpearError with close matches
-    specs = corpus_specs(eval_cfg)
-    for name, spec in specs.items() if check_files else ():
-        corpus_path(spec["source"], name)  # missing files fail before any evaluation
-    corpora = set(specs)
-    for key, known, what in (("general_tasks", tasks, "eval.tasks"), ("domain_tasks", tasks, "eval.tasks"),
-                             ("general_corpora", corpora, "eval.perplexity.corpora"),
-                             ("domain_corpora", corpora, "eval.perplexity.corpora")):
-        extra = [str(n) for n in (_get(eval_cfg, key) or []) if str(n) not in known]
-        if extra:
-            raise SpearError(f"eval.{key} names {', '.join(extra)}, which {what} does not evaluate; add them there or drop them")
+def check_suite(eval_cfg, proxy) -> None:
+    """Fail before any evaluation: every task name exists and every proxy corpus is readable."""
+    if eval_cfg.tasks:
+        task_manager(eval_cfg.tasks)  # unknown names: SpearError with close matches
+    ProxyEvaluator.check(proxy)
 
 
-def suite_settings(eval_cfg) -> dict[str, Any]:
-    keys = ("name", "tasks", "limit", "limits", "num_fewshot", "bootstrap_iters", "perplexity",
-            "general_tasks", "domain_tasks", "general_corpora", "domain_corpora")
-    return {k: _get(eval_cfg, k) for k in keys}
+def suite_settings(eval_cfg, proxy) -> dict[str, Any]:
+    """What results.json records of the suite (enough to tell whether two results are comparable)."""
+    keys = ("name", "tasks", "limit", "limits", "num_fewshot", "bootstrap_iters", "general_tasks", "domain_tasks")
+    return {**eval_cfg.model_dump(include=set(keys)), "perplexity": proxy.model_dump()}
 
 
 def evaluate_model(
     model,
     tokenizer,
     eval_cfg,
+    proxy,
     name: str,
     *,
+    progress: bool = True,
     lm_eval_callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate an in-memory model on an ``eval`` suite: the content of ``results.json``.
+    """Evaluate an in-memory model on an ``eval`` suite and the ``proxy`` corpora: results.json.
 
-    One model, all tasks in one lm-eval call, then the perplexity corpora. ``lm_eval_callback``
+    One model, all tasks in one lm-eval call, then the proxy corpora. ``lm_eval_callback``
     receives lm-eval's raw result dict (``spear.evaluate`` hands it to lm-eval's WandbLogger).
     """
-    check_suite(eval_cfg)
-    names = [str(n) for n in (_get(eval_cfg, "tasks") or [])]
+    check_suite(eval_cfg, proxy)
     results: dict[str, Any] = {
         "model": str(name),
-        "suite": _get(eval_cfg, "name"),
+        "suite": eval_cfg.name,
         "tasks": {},
         "perplexity": {},
         "nll": {},
@@ -401,20 +305,22 @@ def evaluate_model(
         "n_samples": {},
         "n_shot": {},
         "subtasks": {},
-        "settings": suite_settings(eval_cfg),
+        "settings": suite_settings(eval_cfg, proxy),
         "seconds": {},
     }
     start = time.perf_counter()
     raw = run_lm_eval(model, tokenizer, eval_cfg)
     results["seconds"]["lm_eval"] = round(time.perf_counter() - start, 3)
     if raw is not None:
-        results.update(summarize_lm_eval(raw, names, eval_cfg))
+        results.update(summarize_lm_eval(raw, list(eval_cfg.tasks), eval_cfg))
         if lm_eval_callback is not None:
             lm_eval_callback(raw)
     start = time.perf_counter()
-    for corpus, value in run_perplexity(model, tokenizer, eval_cfg).items():
-        results["perplexity"][corpus] = value["ppl"]
-        results["nll"][corpus] = value["nll"]
-        results["tokens"][corpus] = value["tokens"]
+    for role, value in ProxyEvaluator(tokenizer, proxy).measure(model, name=name, progress=progress).items():
+        results["perplexity"][value["name"]] = value["ppl"]
+        results["nll"][value["name"]] = value["nll"]
+        results["tokens"][value["name"]] = value["tokens"]
+        log.info("proxy %s (%s): ppl %.3f, nll %.4f, %d tokens, %.1fs", role, value["name"], value["ppl"] or math.inf,
+                 value["nll"], value["tokens"], value["seconds"])
     results["seconds"]["perplexity"] = round(time.perf_counter() - start, 3)
     return results

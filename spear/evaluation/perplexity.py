@@ -8,9 +8,9 @@ and keeps the full ``max_length`` (more context, no padding), so all windows of 
 than ``max_length`` have the same length and batch without padding. Only the logits of scored
 positions are computed (``logits_to_keep``), which keeps the vocabulary projection small.
 
-Deterministic, ``torch.no_grad``, float32 log-softmax. Used by ``spear.evaluate`` and by the
-posterior analysis (many calls on one in-memory model: tokenise once with
-:func:`tokenize_corpus` and call :func:`corpus_nll_from_ids`).
+Deterministic, ``torch.no_grad``, float32 log-softmax. The proxy evaluator
+(:mod:`spear.evaluation.proxy`) tokenises each corpus once with :func:`tokenize_corpus` and calls
+:func:`corpus_nll_from_ids` for every model it measures.
 """
 
 from __future__ import annotations
@@ -85,10 +85,9 @@ def corpus_nll_from_ids(
     model,
     input_ids,
     *,
-    max_length: int = 512,
-    stride: int = 256,
-    max_tokens: int | None = None,
-    batch_size: int = 4,
+    max_length: int,
+    stride: int,
+    batch_size: int,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Mean NLL per predicted token of a 1-D token tensor: ``{"nll", "ppl", "tokens"}``.
@@ -99,10 +98,6 @@ def corpus_nll_from_ids(
     import torch
 
     ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
-    if max_tokens is not None:
-        if max_tokens < 2:
-            raise SpearError(f"max_tokens={max_tokens} is too small: perplexity needs at least 2 tokens")
-        ids = ids[:max_tokens]
     if batch_size < 1:
         raise SpearError(f"perplexity batch_size={batch_size} must be >= 1")
     limit = _model_max_positions(model)
@@ -148,25 +143,3 @@ def corpus_nll_from_ids(
         model.train(was_training)
     nll = total_nll / total_tokens
     return {"nll": nll, "ppl": math.exp(nll) if nll < 700 else None, "tokens": total_tokens}
-
-
-def corpus_nll(
-    model,
-    tokenizer,
-    text: str,
-    *,
-    max_length: int = 512,
-    stride: int = 256,
-    max_tokens: int | None = None,
-    batch_size: int = 4,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Mean NLL per predicted token of ``text``: ``{"nll", "ppl": exp(nll), "tokens"}``.
-
-    Tokenises once (no special tokens, first ``max_tokens`` tokens) and calls
-    :func:`corpus_nll_from_ids`; see the module docstring for the window scheme.
-    """
-    ids = tokenize_corpus(tokenizer, text, max_tokens)
-    return corpus_nll_from_ids(
-        model, ids, max_length=max_length, stride=stride, batch_size=batch_size, progress=progress
-    )

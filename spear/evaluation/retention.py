@@ -202,16 +202,12 @@ def compute_retention(
 
 
 def retention_from_suite(model: Mapping[str, Any], base: Mapping[str, Any], adapted: Mapping[str, Any] | None,
-                         eval_cfg) -> dict[str, Any]:
-    """:func:`compute_retention` with the general/domain lists and ``min_domain_gain`` of an eval suite."""
-
-    def _list(key: str) -> list[str]:
-        value = eval_cfg.get(key) if eval_cfg is not None else None
-        return [str(v) for v in (value or [])]
-
+                         eval_cfg, proxy) -> dict[str, Any]:
+    """:func:`compute_retention` as a suite defines it: its general/domain tasks, the proxy's
+    general/domain corpora, and its ``min_domain_gain``."""
     return compute_retention(
         model, base, adapted,
-        general_tasks=_list("general_tasks"), domain_tasks=_list("domain_tasks"),
-        general_corpora=_list("general_corpora"), domain_corpora=_list("domain_corpora"),
-        min_domain_gain=float((eval_cfg.get("min_domain_gain") if eval_cfg is not None else 0.0) or 0.0),
+        general_tasks=list(eval_cfg.general_tasks), domain_tasks=list(eval_cfg.domain_tasks),
+        general_corpora=[proxy.general.name], domain_corpora=[proxy.domain.name],
+        min_domain_gain=eval_cfg.min_domain_gain,
     )

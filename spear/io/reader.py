@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from spear.errors import SpearError
+from spear.io.dtypes import st_to_torch_dtype
 
 INDEX_FILE = "model.safetensors.index.json"
 # config keys that must agree for two checkpoints to be comparable layer by layer
@@ -66,14 +67,6 @@ def low_heap_retention(mmap_threshold: int = 1 << 20, restore_to: int = 32 << 20
     finally:
         if mallopt is not None:
             mallopt(m_mmap_threshold, int(restore_to))
-
-
-# safetensors dtype -> torch dtype name
-_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-    "U16": "uint16", "U32": "uint32", "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-}
 
 
 def _read_layout(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
@@ -169,9 +162,10 @@ class Checkpoint:
         import torch
 
         dtype, shape, _, _ = self._entry(name)
-        if dtype not in _DTYPES or not hasattr(torch, _DTYPES[dtype]):
+        torch_dtype = st_to_torch_dtype(dtype)
+        if torch_dtype is None:
             return self._handles[self.file_of[name]].get_tensor(name)  # exotic dtype: let safetensors read it
-        tensor = torch.empty(shape, dtype=getattr(torch, _DTYPES[dtype]))
+        tensor = torch.empty(shape, dtype=torch_dtype)
         if tensor.numel():
             self._read_into(name, tensor)
         return tensor
@@ -203,7 +197,7 @@ class Checkpoint:
         if not names:
             raise ValueError("get_stack needs at least one name")
         stored, shape, _, _ = self._entry(names[0])
-        stored_dtype = getattr(torch, _DTYPES.get(stored, ""), None)
+        stored_dtype = st_to_torch_dtype(stored)
         if out is None:
             out = torch.empty((len(names), *shape), dtype=dtype or stored_dtype or torch.float32)
         else:
@@ -340,10 +334,6 @@ class TensorPairReader:
             check_finite(name, adapted, self.adapted.dir)
         return TensorPair(name, base, adapted)
 
-    def iter_pairs(self, names: Iterable[str] | None = None) -> Iterator[TensorPair]:
-        for name in self.names if names is None else names:
-            yield self.read(name)
-
     def plan_batches(self, names: Iterable[str] | None = None, max_bytes: int = 64 << 20) -> list[list[str]]:
         """Same-shape batches of ``names`` (default: all), each at most ``max_bytes`` per model in float32."""
         return plan_batches(self.names if names is None else names, self.base.shape, max_bytes)
@@ -363,8 +353,3 @@ class TensorPairReader:
         base = self.base.get_stack(names, dtype, check, None if out is None else out[0])
         adapted = self.adapted.get_stack(names, dtype, check, None if out is None else out[1])
         return PairBatch(list(names), base, adapted)
-
-    def iter_batches(self, names: Iterable[str] | None = None, max_bytes: int = 64 << 20, dtype: Any = None) -> Iterator[PairBatch]:
-        """Pairs of same-shape stacks, at most ``max_bytes`` per model each: two stacks in memory at a time."""
-        for batch in self.plan_batches(names, max_bytes):
-            yield self.read_batch(batch, dtype)

@@ -23,13 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from spear.errors import SpearError
+from spear.io.dtypes import st_itemsize, torch_to_st_dtype
+from spear.io.reader import INDEX_FILE
 
-INDEX_FILE = "model.safetensors.index.json"
-# safetensors dtype name -> bytes per element
-DTYPE_SIZES: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-}  # fmt: skip
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
 
@@ -51,22 +47,6 @@ def parse_size(size: int | str) -> int:
     return value
 
 
-def torch_to_st_dtype(dtype) -> str:
-    import torch
-
-    table = {
-        torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-        torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-        torch.uint8: "U8", torch.bool: "BOOL",
-    }  # fmt: skip
-    for attr, name in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
-        if hasattr(torch, attr):
-            table[getattr(torch, attr)] = name
-    if dtype not in table:
-        raise SpearError(f"dtype {dtype} cannot be stored in safetensors by spear")
-    return table[dtype]
-
-
 @dataclass(frozen=True)
 class TensorSpec:
     """A tensor to be written: name, safetensors dtype (``F32``, ``BF16``, ...) and shape."""
@@ -80,7 +60,7 @@ class TensorSpec:
         n = 1
         for d in self.shape:
             n *= int(d)
-        return n * DTYPE_SIZES[self.dtype]
+        return n * st_itemsize(self.dtype)
 
 
 def plan_shards(specs: Iterable[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:

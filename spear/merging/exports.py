@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from spear.io.atomic import write_text_atomic
-from spear.merging.policies import GROUPS, TMap
+from spear.io.dtypes import ST_DTYPES
+from spear.merging.plan import TMap
+from spear.models.layer_map import GROUPS
 
-_OUT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float32"}
+MERGEKIT_OUT_DTYPES = ("float32", "bfloat16", "float16")  # what mergekit writes; others (F64) as float32
 GROUP_FILTERS = {"attn": "self_attn", "mlp": "mlp"}
 
 
@@ -100,7 +102,8 @@ def mergekit_config(
             "parameters": {"normalize": False},
         }
     cfg["dtype"] = "float32"
-    cfg["out_dtype"] = _OUT_DTYPES.get(out_dtype, "float32")
+    name = ST_DTYPES.get(out_dtype, ("float32", 4))[0]
+    cfg["out_dtype"] = name if name in MERGEKIT_OUT_DTYPES else "float32"
     cfg["tokenizer_source"] = adapted
     return cfg
 

@@ -20,8 +20,9 @@ from typing import Any
 
 from spear.errors import SpearError
 from spear.io.reader import ARCH_KEYS, Checkpoint, check_finite
-from spear.merging.kernels import check_kernel, merge_tensor, torch_threads
-from spear.merging.policies import TMap
+from spear.merging.kernels import merge_tensor
+from spear.merging.plan import MergePlan, TMap
+from spear.runtime import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -29,29 +30,20 @@ log = logging.getLogger(__name__)
 class InMemoryMerger:
     """Merge a loaded ADAPTED ``model`` toward the base checkpoint in ``base_dir``, in place.
 
-    >>> merger = InMemoryMerger(model, base_dir)
-    >>> merger.apply(TMap(layer_t={3: 1.0}))   # layer 3 restored to the base
-    >>> merger.apply(TMap(layer_t={4: 1.0}))   # layer 3 back to adapted, layer 4 restored
-    >>> merger.reset()                          # the adapted model again
+    >>> merger = InMemoryMerger(model, base_dir, SlerpMerge())
+    >>> merger.apply(TMap.of_layers({3: 1.0}))   # layer 3 restored to the base
+    >>> merger.apply(TMap.of_layers({4: 1.0}))   # layer 3 back to adapted, layer 4 restored
+    >>> merger.reset()                           # the adapted model again
+
+    ``merge`` is the validated ``merge`` config: kernel, its parameters, ``check_values`` and
+    ``threads`` apply here exactly as in the streaming merge.
     """
 
-    def __init__(
-        self,
-        model,
-        base_dir: Path,
-        kernel: str = "slerp",
-        kernel_params: dict[str, Any] | None = None,
-        check_values: bool = True,
-        threads: int | None = 1,
-    ) -> None:
+    def __init__(self, model, base_dir: Path, merge) -> None:
         from spear.models.layer_map import layer_map_for
 
-        check_kernel(kernel)
         self.model = model
-        self.kernel = kernel
-        self.kernel_params = dict(kernel_params or {})
-        self.check_values = check_values
-        self.threads = threads  # torch threads for the merge math (restored afterwards)
+        self.merge = merge
         self.base = Checkpoint(Path(base_dir))
         self.layer_map = layer_map_for(model.config)
         # unique parameters: a tied lm_head is the embedding's Parameter and is listed once
@@ -106,7 +98,7 @@ class InMemoryMerger:
         tensor = self._base.get(name)
         if tensor is None:
             tensor = self.base.get(name)
-            if self.check_values:
+            if self.merge.check_values:
                 check_finite(name, tensor, self.base.dir)
             dtype = self.params[name].dtype
             if tensor.dtype != dtype:
@@ -114,8 +106,12 @@ class InMemoryMerger:
             self._base[name] = tensor
         return tensor
 
+    def plan(self, tmap: TMap) -> MergePlan:
+        """The merge plan of this model's parameters for ``tmap``."""
+        return MergePlan.build(tmap, self.layer_map, self.params, self.merge)
+
     def apply(self, tmap: TMap, with_stats: bool = False) -> dict[str, dict[str, Any]]:
-        """Set every parameter to ``merge(adapted, base, t)`` for ``tmap``.
+        """Set every parameter to its step of ``tmap``'s plan: ``merge(adapted, base, t)``.
 
         Only parameters whose ``t`` differs from the current state are recomputed; ``t=0``
         copies the adapted snapshot back (bit-exact). Returns the stats of the recomputed
@@ -124,31 +120,22 @@ class InMemoryMerger:
         """
         import torch
 
-        top = tmap.max_layer()
-        if top >= self.num_layers:
-            raise SpearError(f"the t map names layer {top} but the model has layers 0..{self.num_layers - 1}")
+        plan = self.plan(tmap)
         stats: dict[str, dict[str, Any]] = {}
-        with torch.no_grad(), torch_threads(self.threads):
+        with torch.no_grad(), torch_threads(self.merge.threads):
             for name, param in self.params.items():
-                t = tmap.t_for(name, self.layer_map)
-                if t == self._t[name]:
+                step = plan[name]
+                if step.t == self._t[name]:
                     continue
                 adapted = self._adapted_of(name)
-                if t == 0.0:
+                if step.t == 0.0:
                     param.copy_(adapted)
                     st = {"t": 0.0, "fallback": False}
                 else:
-                    merged, st = merge_tensor(
-                        self.kernel,
-                        adapted,
-                        self._base_of(name),
-                        t,
-                        name=name,
-                        params=self.kernel_params,
-                        with_stats=with_stats,
-                    )
+                    merged, st = merge_tensor(step.kernel, adapted, self._base_of(name), step.t, name=name,
+                                              params=step.params, with_stats=with_stats)
                     param.copy_(merged)
-                self._t[name] = t
+                self._t[name] = step.t
                 stats[name] = st
         self._tmap = tmap
         return stats
@@ -159,7 +146,7 @@ class InMemoryMerger:
 
     def base_tmap(self) -> TMap:
         """The TMap that turns the model into the base model (every tensor ``t=1``)."""
-        return TMap(dict.fromkeys(range(self.num_layers), 1.0), None, 1.0)
+        return TMap.everywhere(self.num_layers, 1.0)
 
     def release(self) -> None:
         """Reset the model and drop the caches (the merger can still be used afterwards)."""

@@ -34,10 +34,9 @@ Each kernel returns ``(merged, stats)``; ``stats`` is :func:`tensor_stats`'s dic
 
 from __future__ import annotations
 
-import contextlib
 import math
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from spear.errors import SpearError
@@ -45,27 +44,6 @@ from spear.errors import SpearError
 SIN_EPS = 1e-6  # sin(O) below this is "numerically zero": SLERP falls back to linear
 CHUNK = 1 << 18  # elements per chunk (1 MiB of float32): amortises per-op dispatch, stays in L2/L3
 STAT_KEYS = ("t", "cos", "angle", "rel_change", "fallback")
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``n`` torch intra-op threads (``None``/0: leave the setting alone).
-
-    The kernels are memory-bound chunk loops; with several threads every small op is a
-    parallel region, which on a shared or oversubscribed CPU waits for descheduled threads
-    (measured: 3-30x slower than one thread on a busy 2-core machine).
-    """
-    import torch
-
-    old = torch.get_num_threads()
-    if not n or int(n) == old:
-        yield
-        return
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def check_t(t: float, what: str = "t") -> float:
@@ -275,15 +253,6 @@ KERNELS: dict[str, Callable] = {
     "ties": ties,
     "dare": dare,
 }
-# which merge.* keys each kernel reads (the rest of the group is plumbing: shard size, ...)
-KERNEL_PARAMS: dict[str, tuple[str, ...]] = {
-    "slerp": ("dot_threshold",),
-    "linear": (),
-    "task_arithmetic": (),
-    "ties": ("density",),
-    "dare": ("density", "seed"),
-}
-
 
 def check_kernel(kernel: str) -> Callable:
     if kernel not in KERNELS:

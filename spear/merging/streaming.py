@@ -1,8 +1,8 @@
 """Streaming merge of two HF safetensors checkpoints into a new HF model dir.
 
 Tensor pairs are read one at a time (:class:`spear.io.reader.TensorPairReader`: validated
-names, shapes, architecture, finite values), merged with a kernel at the strength the
-:class:`~spear.merging.policies.TMap` gives, and written straight into shards
+names, shapes, architecture, finite values), merged by their step of the
+:class:`~spear.merging.plan.MergePlan` (built once from the ``TMap``), and written straight into shards
 (:class:`spear.io.writer.ShardedSafetensorsWriter`), so peak memory is a few tensors whatever
 the model size. Everything goes into a temporary sibling that is renamed at the end
 (:func:`spear.io.atomic.atomic_dir`): an interrupted merge leaves no output, and the next run
@@ -17,9 +17,7 @@ stay tied: an HF checkpoint of a tied model stores no ``lm_head`` (the config's
 from __future__ import annotations
 
 import logging
-import resource
 import shutil
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
@@ -30,29 +28,13 @@ from spear.errors import SpearError
 from spear.io.atomic import atomic_dir
 from spear.io.reader import INDEX_FILE, TensorPairReader
 from spear.io.writer import ShardedSafetensorsWriter, TensorSpec
-from spear.merging.kernels import check_kernel, merge_tensor, torch_threads
-from spear.merging.policies import TMap
+from spear.merging.kernels import merge_tensor
+from spear.merging.plan import MergePlan, TMap
+from spear.runtime import peak_rss_bytes, torch_threads
 
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf")
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far.
-
-    Linux: ``VmHWM`` of ``/proc/self/status`` (this process's own high-water mark; ``ru_maxrss``
-    would carry a big parent's peak across fork + exec); elsewhere ``ru_maxrss``.
-    """
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def config_namespace(config: dict[str, Any]) -> SimpleNamespace:
@@ -106,67 +88,54 @@ class _Scratch:
         return buf
 
 
-def check_tmap_layers(tmap: TMap, num_layers: int) -> None:
-    top = tmap.max_layer()
-    if top >= num_layers:
-        raise SpearError(f"the t map names layer {top} but the model has layers 0..{num_layers - 1}")
-
-
 def merge_checkpoints(
     base_dir: Path,
     adapted_dir: Path,
     out_dir: Path,
     tmap: TMap,
+    merge,
     *,
-    kernel: str = "slerp",
-    kernel_params: dict[str, Any] | None = None,
-    max_shard_size: int | str = "2GB",
     overwrite: bool = False,
-    check_values: bool = True,
     progress: bool = True,
-    threads: int | None = 1,
     on_tensor=None,
 ) -> dict[str, Any]:
-    """Merge ``adapted_dir`` toward ``base_dir`` by ``tmap`` into the HF dir ``out_dir``.
+    """Merge ``adapted_dir`` toward ``base_dir`` by ``tmap`` and the ``merge`` config into the HF dir ``out_dir``.
 
-    Returns ``{"tensors": {name: stats}, "layer_t", "bytes_read", "bytes_written", "seconds",
-    "peak_rss_bytes", "files", "num_layers"}``. ``on_tensor(name)`` is called after each tensor
-    is handed to the writer (a hook for progress reporting and for tests that interrupt the merge).
-    Writing overlaps the next tensor's read and merge (one background write in flight).
-    ``threads``: torch threads for the merge math (``None`` = leave torch's setting).
+    Returns ``{"plan", "tensors": {name: stats}, "layer_t", "bytes_read", "bytes_written",
+    "seconds", "peak_rss_bytes", "files", "num_layers"}``. ``on_tensor(name)`` is called after each
+    tensor is handed to the writer (a hook for progress reporting and for tests that interrupt the
+    merge). Writing overlaps the next tensor's read and merge (one background write in flight).
     """
     start = time.perf_counter()
-    check_kernel(kernel)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:  # fail before reading anything
         raise SpearError(f"output {out_dir} already exists; set overwrite=true to replace it, or choose another path")
     # values are checked by the kernel from the sums of squares it computes anyway (no extra pass)
     reader = TensorPairReader(Path(base_dir), Path(adapted_dir), check_values=False)
     layer_map = layer_map_of_dir_config(reader.config)
-    check_tmap_layers(tmap, layer_map.num_layers)
-    names = reader.names
-    specs = [TensorSpec(n, reader.adapted.dtype(n), reader.adapted.shape(n)) for n in names]
+    plan = MergePlan.build(tmap, layer_map, reader.names, merge)
+    specs = [TensorSpec(n, reader.adapted.dtype(n), reader.adapted.shape(n)) for n in plan]
     tensors: dict[str, dict[str, Any]] = {}
     labels = (str(adapted_dir), str(base_dir))
     scratch = _Scratch()
-    iterator: Any = names
+    iterator: Any = list(plan)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(names, desc="merge", unit="tensor", leave=False)
+        bar = tqdm(iterator, desc="merge", unit="tensor", leave=False)
         iterator = bar
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp, torch_threads(threads):
-        with ShardedSafetensorsWriter(tmp, specs, max_shard_size) as writer, ThreadPoolExecutor(1) as pool:
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp, torch_threads(merge.threads):
+        with ShardedSafetensorsWriter(tmp, specs, merge.max_shard_size) as writer, ThreadPoolExecutor(1) as pool:
             # one write in flight while the next tensor is read and merged (double-buffered scratch)
             pending = None
             try:
                 for i, name in enumerate(iterator):
                     pair = reader.read(name)
-                    t = tmap.t_for(name, layer_map)
+                    step = plan[name]
                     merged, stats = merge_tensor(
-                        kernel, pair.adapted, pair.base, t, name=name, params=kernel_params,
-                        check_finite=check_values, labels=labels, out=scratch.get(pair.adapted, i % 2),
+                        step.kernel, pair.adapted, pair.base, step.t, name=name, params=step.params,
+                        check_finite=merge.check_values, labels=labels, out=scratch.get(pair.adapted, i % 2),
                     )  # fmt: skip
                     tensors[name] = stats
                     del pair
@@ -187,8 +156,9 @@ def merge_checkpoints(
     if bar is not None:
         bar.close()
     return {
+        "plan": plan,
         "tensors": tensors,
-        "layer_t": {str(layer): tmap.layer_t.get(layer, 0.0) for layer in range(layer_map.num_layers)},
+        "layer_t": plan.layer_t(),
         "num_layers": layer_map.num_layers,
         "bytes_read": reader.bytes_read,
         "bytes_written": summary["bytes_written"],

@@ -46,6 +46,9 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("gemma", ("gemma", "gemma2", "gemma3", "gemma3_text")),
 )
 
+# The module groups ("attn", "mlp"), in table order: what group-level scores, masks and merges range over.
+GROUPS: tuple[str, ...] = tuple(dict.fromkeys(g for spec in FAMILIES for g in spec.modules.values()))
+
 
 @dataclass(frozen=True)
 class MatrixRef:
@@ -80,9 +83,6 @@ class LayerMap:
             return None
         module = m.group(2)
         return MatrixRef(layer=int(m.group(1)), module=module, group=self.modules[module])
-
-    def group_of(self, module: str) -> str:
-        return self.modules[module]
 
     def matrix_regex(self, layer: int, module: str | None = None) -> str:
         """Anchored regex for a layer's matrices (all, or one module): for trainer configs."""

@@ -9,12 +9,12 @@ can stream tensors instead of loading models. Pickle checkpoints are refused unl
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 from spear.errors import SpearError
 from spear.io.atomic import atomic_dir
+from spear.io.hashing import file_sha256
 from spear.models.tiny import TINY_SPECS, save_tiny
 from spear.paths import spear_home
 
@@ -26,14 +26,6 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 def known_aliases() -> list[str]:
     return sorted([*ASSET_ALIASES, *TINY_SPECS])
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_weights_format(model_dir: Path, allow_pickle: bool = False) -> None:
@@ -75,7 +67,7 @@ def resolve_model_dir(ref: str, *, allow_pickle: bool = False, allow_network: bo
     if path.is_file() and path.suffix == ".gguf":
         from spear.models.gguf import convert_gguf
 
-        out = spear_home() / "models" / f"gguf-{path.stem}-{_file_sha256(path)[:12]}"
+        out = spear_home() / "models" / f"gguf-{path.stem}-{file_sha256(path)[:12]}"
         return out if (out / "config.json").exists() else convert_gguf(path, out)
     if path.is_file() and path.suffix in PICKLE_SUFFIXES:
         raise SpearError(
@@ -135,14 +127,3 @@ def load_model(
         trust_remote_code=trust_remote_code,
     )
     return model.eval(), load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
-
-
-def load_from_cfg(model_cfg):
-    """``load_model`` from a ``model`` config group node."""
-    return load_model(
-        model_cfg.ref,
-        dtype=model_cfg.get("dtype", "float32"),
-        allow_pickle=model_cfg.get("allow_pickle", False),
-        trust_remote_code=model_cfg.get("trust_remote_code", False),
-        allow_network=model_cfg.get("allow_network", False),
-    )

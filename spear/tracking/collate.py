@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from spear.paths import CONF_DIR, PROJECT_ROOT
-from spear.tracking.summary import markdown_table, pareto_plot, relation
+from spear.tracking.summary import (
+    PRIMARY_COLUMNS,
+    markdown_table,
+    number,
+    pareto_plot,
+    raw_columns,
+    relations_of,
+    relations_table,
+)
 
 SHARED = ("base", "adapted")
 
@@ -46,29 +54,32 @@ def job_labels(runs: list[Path]) -> list[str]:
 
 
 def collect(runs: list[Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], list[int]]:
-    """(entries, relations, cost rows, seeds): base/adapted once, every other model per job."""
+    """(entries, relations, cost rows, seeds): base/adapted once (the first job's), every other model
+    per job, named ``<model> [<job label>]`` when the runs differ; relations as the pipeline draws them."""
     entries: list[dict[str, Any]] = []
     relations: list[dict[str, Any]] = []
     cost: list[dict[str, Any]] = []
-    seen: set[str] = set()
+    shared: dict[str, dict[str, Any]] = {}
     seeds: list[int] = []
     for run, label in zip(runs, job_labels(runs), strict=True):
         summary = json.loads((run / "summary.json").read_text())
         seeds = summary["seeds"]
-        rename = {}
+        rename: dict[str, str] = {}
+        job: list[dict[str, Any]] = []  # this job's models under their own names, base/adapted as shown
         for entry in summary["models"]:
             name = entry["name"]
             if name in SHARED:
-                if name in seen:
-                    continue
-                seen.add(name)
-            elif label:
+                if name not in shared:
+                    shared[name] = entry
+                    entries.append(entry)
+                job.append(shared[name])
+                continue
+            if label:
                 rename[name] = f"{name} [{label}]"
             entries.append({**entry, "name": rename.get(name, name)})
-        by_name = {e["name"]: e for e in entries}
-        for r in summary["relations"]:
-            a, b = by_name[rename.get(r["policy"], r["policy"])], by_name[rename.get(r["versus"], r["versus"])]
-            relations.append({"policy": a["name"], "versus": b["name"], "relation": relation(a, b)})
+            job.append(entry)
+        relations += [{**r, "policy": rename.get(r["policy"], r["policy"]), "versus": rename.get(r["versus"], r["versus"])}
+                      for r in relations_of(job)]
         c = summary["cost"]
         cost.append({"job": label or run.name, "cpt_seconds": c.get("cpt_seconds"),
                      "extra_policy_seconds": c.get("extra_policy_seconds"),
@@ -87,12 +98,13 @@ def experiment_header(name: str) -> tuple[str, str]:
 
 def posterior_section(ranking_path: Path) -> str:
     """Markdown: each cheap proxy's Spearman correlation with a posterior ranking.json's measured
-    impact (presets re-scored with the current ``conf/impact`` definitions), and the per-layer
+    impact (the ``impact`` options re-scored with their current definitions), and the per-layer
     measurements."""
     from spear.analysis.posterior import impact_presets
-    from spear.analysis.scoring import proxy_correlations, read_ranking
+    from spear.analysis.ranking import Ranking
+    from spear.analysis.scoring import proxy_correlations
 
-    ranking = read_ranking(ranking_path)
+    ranking = Ranking.load(ranking_path).document
     if "posterior" not in ranking:
         raise SystemExit(f"error: {ranking_path} has no posterior measurements; run spear.analyze impact=posterior")
     layers = ranking["layers"]
@@ -108,11 +120,11 @@ def posterior_section(ranking_path: Path) -> str:
         f"of held-out domain text (adapted: general {ref['adapted']['general']:.4f}, domain "
         f"{ref['adapted']['domain']:.4f}; base: general {ref['base']['general']:.4f}, domain "
         f"{ref['base']['domain']:.4f}). Spearman correlation of each proxy's layer score with the measured "
-        "general recovery (`impact:<name>` rows are the `conf/impact` presets):",
+        "general recovery (`impact:<name>` rows are the `impact` options):",
         "",
         "| proxy | Spearman |",
         "|---|---|",
-        *[f"| {k} | {_num(v, 3)} |" for k, v in sorted(corr.items(), key=lambda kv: -(kv[1] if kv[1] is not None else -9))],
+        *[f"| {k} | {number(v, 3)} |" for k, v in sorted(corr.items(), key=lambda kv: -(kv[1] if kv[1] is not None else -9))],
         "",
         "Per layer: general recovery (nats/token, > 0 = restoring it helps general text) and domain change "
         "(> 0 = restoring it costs domain).",
@@ -126,15 +138,9 @@ def posterior_section(ranking_path: Path) -> str:
     return "\n".join(lines)
 
 
-def _num(x: Any, digits: int = 1) -> str:
-    return "—" if x is None else f"{x:.{digits}f}"
-
-
-def render(name: str, entries, relations, cost, seeds, command: str, description: str, notes: str = "",
-           sections: str = "") -> str:
-    primary = ["general_retention", "domain_gain_preservation", "mean_t"]
-    raw = sorted({k for e in entries for k in e["metrics"]} - set(primary))
-    raw = [k for k in raw if not k.endswith("_stderr")]
+def render(name: str, entries: list[dict[str, Any]], relations: list[dict[str, Any]], cost: list[dict[str, Any]],
+           seeds: list[int], command: str, description: str, notes: str = "", sections: str = "") -> str:
+    """The experiment's README.md: description, command, results (the pipeline's tables), relations, cost."""
     lines = [
         f"# {name}",
         "",
@@ -149,19 +155,18 @@ def render(name: str, entries, relations, cost, seeds, command: str, description
         "",
         "## Results",
         "",
-        markdown_table(entries, primary),
+        markdown_table(entries, PRIMARY_COLUMNS),
         "",
         "Raw metrics:",
         "",
-        markdown_table(entries, raw),
+        markdown_table(entries, raw_columns(entries)),
         "",
     ]
     if relations:
-        lines += ["## Policy vs controls", "", "| policy | versus | relation |", "|---|---|---|",
-                  *[f"| {r['policy']} | {r['versus']} | {r['relation']} |" for r in relations], ""]
+        lines += ["## Policy vs controls", "", relations_table(relations), ""]
     lines += ["## Cost", "", "| job | CPT s | extra policy s (merge + eval) | extra / CPT | wall s |", "|---|---|---|---|---|",
-              *[f"| {c['job']} | {_num(c['cpt_seconds'])} | {_num(c['extra_policy_seconds'])} | "
-                f"{_num(c['extra_policy_vs_cpt'], 3)} | {_num(c['wall_seconds'])} |" for c in cost], "",
+              *[f"| {c['job']} | {number(c['cpt_seconds'], 1)} | {number(c['extra_policy_seconds'], 1)} | "
+                f"{number(c['extra_policy_vs_cpt'], 3)} | {number(c['wall_seconds'], 1)} |" for c in cost], "",
               "![pareto](pareto.png)", ""]
     if sections:
         lines += [sections, ""]
@@ -179,7 +184,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--posterior", type=Path, default=None, help="a ranking.json (or run dir) of impact=posterior to correlate the proxies with")
     parser.add_argument("--command", default=None, help="the command that produced the runs (default: the config's)")
     args = parser.parse_args(argv)
-    from spear.io.atomic import write_text_atomic
+    from spear.io.atomic import write_json_atomic, write_text_atomic
 
     out = args.out or PROJECT_ROOT / "experiments" / args.experiment
     out.mkdir(parents=True, exist_ok=True)
@@ -190,7 +195,7 @@ def main(argv: list[str] | None = None) -> Path:
     sections = posterior_section(args.posterior) if args.posterior else ""
     write_text_atomic(out / "README.md", render(args.experiment, entries, relations, cost, seeds, command, description, notes, sections))
     pareto_plot(entries, out / "pareto.png", title=args.experiment)
-    (out / "summary.json").write_text(json.dumps({"models": entries, "relations": relations, "cost": cost}, indent=2) + "\n")
+    write_json_atomic(out / "summary.json", {"models": entries, "relations": relations, "cost": cost})
     print(out / "README.md")
     return out
 

