@@ -2,7 +2,7 @@
 
 Variants, each in a fresh subprocess (alternating, several repeats, median):
 
-- ``analysis``: ``spear.analyze.run`` on base vs adapted (streamed, batched spectra, all metrics,
+- ``analysis``: ``spear.analysis.stage.run_analyze`` on base vs adapted (streamed, batched spectra, all metrics,
   ranking.json, metrics.csv, layer_scores.png, unfrozen_parameters.yaml; ``logger=none``).
 - ``spectrum_scan`` (baseline): what Spectrum does for one model: load the whole model in
   float32 with transformers, then ``torch.linalg.svdvals`` per decoder-layer matrix in a loop
@@ -52,13 +52,11 @@ def hwm_kb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 sys.path.insert(0, {root!r})
-from hydra import compose, initialize_config_dir
-from spear.paths import CONF_DIR
-from spear.analyze import run
-with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-    cfg = compose("analyze", overrides=["base=" + {base!r}, "adapted=" + {adapted!r}, "logger=none", "progress=false",
-                                        "paths.output_dir=" + {out!r}])
-result = run(cfg)
+from spear.config import compose
+from spear.analysis.stage import run_analyze
+cfg = compose("analyze", ["base=" + {base!r}, "adapted=" + {adapted!r}, "logger=none", "progress=false",
+                          "paths.output_dir=" + {out!r}])
+result = run_analyze(cfg)
 print("RESULT " + json.dumps({{"seconds": time.perf_counter() - t0, "maxrss_kb": hwm_kb(),
                               "order": result["order"]}}))
 """

@@ -217,7 +217,7 @@ def main() -> None:
 
     spear_common = [sys.executable, "-m", "spear.merge", f"base={base}", f"adapted={adapted}", f"ranking={ranking}",
                     "policy=balanced", "policy.fraction=1.0", "policy.non_layer_t=0.5", "logger=none",
-                    "merge.progress=false", "overwrite=true"]  # fmt: skip
+                    "progress=false", "overwrite=true"]  # fmt: skip
 
     # one reference run: the exported mergekit.yaml, and the output to compare with
     ref_dir = work / "spear_ref"

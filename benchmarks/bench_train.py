@@ -5,12 +5,12 @@ Same machine, same run, same model, batches, sequence length, precision (fp32) a
 order of the two paths; each repeat times ``--steps`` optimizer steps after ``--warmup`` untimed
 ones, and the median over repeats is reported.
 
-* throughput: tokens/s of ``spear.train``'s code path (composed ``train`` config ->
+* throughput: tokens/s of ``spear.train``'s code path (``spear.config.compose("train", ...)`` ->
   SpearDataModule + CPTModule + build_trainer, with its callbacks) vs the plain loop;
   target ratio >= 0.95.
 * freeze: step time and optimizer-state bytes of ``+experiment=freeze_top8`` (top-8 layers of the
-  base model's Spectrum SNR ranking; last 8 when that is unavailable) vs full CPT, both through
-  spear; target: optimizer state strictly smaller, step time not slower (<= 1.05x).
+  base model's Spectrum SNR ranking; top 2 of a model with fewer than 8 layers) vs full CPT, both
+  through spear; target: optimizer state strictly smaller, step time not slower (<= 1.05x).
 
 Uses the embedded SmolLM2-135M when prepared (``--tiny`` forces tiny_llama, e.g. in CI without
 assets). The last printed line is the SPEC §2.7 JSON object.
@@ -41,13 +41,10 @@ from spear.errors import SpearError  # noqa: E402
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    """The validated ``train`` run config for ``overrides`` (as ``python -m spear.train`` gets it)."""
+    from spear.config import compose as compose_stage
 
-    from spear.paths import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=overrides)
+    return compose_stage("train", overrides)
 
 
 class StepTimer:
@@ -65,25 +62,24 @@ class StepTimer:
 
 
 def spear_run(cfg, model, steps: int, warmup: int):
-    """One spear run (Lightning Trainer, the same pieces as spear.train.run); returns (s/step, opt bytes)."""
+    """One spear run (Lightning Trainer, the same pieces as spear.cpt.stage.run_train); returns (s/step, opt bytes)."""
     import pytorch_lightning as pl
 
     from spear.cpt.freeze import apply_freeze, plan_for_model, ranking_for
     from spear.cpt.module import CPTModule
+    from spear.cpt.stage import build_callbacks
     from spear.cpt.strategies import build_trainer
     from spear.data.datamodule import SpearDataModule
     from spear.models import layer_map_for, resolve_model_dir
     from spear.models.loading import load_tokenizer
-    from spear.train import _speed_callback
+    from spear.tracking import build_logger
 
     base_dir = resolve_model_dir(cfg.model.ref)
     lmap = layer_map_for(model.config)
     ranking, source = ranking_for(cfg.freeze, base_dir, lmap.num_layers)
     apply_freeze(model, plan_for_model(cfg.freeze, model, lmap, ranking, source))
     dm = SpearDataModule(cfg.data, load_tokenizer(base_dir), seed=cfg.seed)
-    o = cfg.optim
-    module = CPTModule(model, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps,
-                       warmup_steps=o.warmup_steps, total_steps=steps + warmup, min_lr_ratio=o.min_lr_ratio)
+    module = CPTModule(model, optim=cfg.optim, total_steps=steps + warmup, gradient_checkpointing=False)
     timer = StepTimer()
     opt_bytes: dict[str, int] = {}
 
@@ -95,12 +91,12 @@ def spear_run(cfg, model, steps: int, warmup: int):
                 opt_bytes["bytes"] = sum(t.numel() * t.element_size() for s in opt.state.values()
                                          for t in s.values() if torch.is_tensor(t))
 
-    holder = {}
-    speed = _speed_callback(lambda: holder["t"].world_size)
-    trainer = build_trainer(cfg.trainer, max_steps=steps + warmup, logger=False, callbacks=[speed, Probe()],
+    root = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    # the callbacks group as spear.train builds it (checkpoint.enabled=false: the SpeedMonitor only)
+    callbacks = [*build_callbacks(cfg, root / "checkpoints"), Probe()]
+    trainer = build_trainer(cfg.trainer, max_steps=steps + warmup, logger=build_logger(cfg.logger), callbacks=callbacks,
                             enable_checkpointing=False, use_distributed_sampler=False, limit_val_batches=0,
-                            enable_progress_bar=False, default_root_dir=tempfile.mkdtemp(prefix="bench-train-"))
-    holder["t"] = trainer
+                            enable_progress_bar=False, default_root_dir=str(root))
     trainer.fit(module, datamodule=dm)
     return timer.seconds_per_step(warmup), opt_bytes["bytes"]
 
@@ -124,7 +120,7 @@ def plain_run(cfg, model, steps: int, warmup: int) -> float:
         for batch in dm.train_dataloader():
             loss = next_token_loss(model, batch["input_ids"])
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.gradient_clip_val)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer["gradient_clip_val"])
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -169,7 +165,8 @@ def main() -> None:
         corpus = Path(tempfile.mkdtemp(prefix="bench-train-corpus-")) / "c.txt"
         corpus.write_text(" ".join(f"account {i} balance credit debit." for i in range(20000)))
         data = [f"data.paths=[{corpus}]"]
-    common = [f"model.ref={model_ref}", "logger=none", "paths.output_dir=/tmp/bench-train", *data,
+    common = [f"model.ref={model_ref}", "logger=none", "checkpoint.enabled=false",
+              "paths.output_dir=/tmp/bench-train", *data,
               f"data.batch_size={args.batch_size}", f"data.block_size={args.block_size}", "data.val_fraction=0"]
     full_cfg = compose(common)
     top8_cfg = compose([*common, "+experiment=freeze_top8"])
@@ -178,15 +175,6 @@ def main() -> None:
 
     if layer_map_for(base.config).num_layers < 8:
         top8_cfg = compose([*common, "freeze=ranked", "freeze.k=2"])
-    try:
-        import spear.analysis.scoring as scoring
-
-        has_snr = hasattr(scoring, "spectrum_snr_ranking")
-    except ImportError:
-        has_snr = False
-    if not has_snr:
-        k = top8_cfg.freeze.k
-        top8_cfg = compose([*common, "freeze=last", f"freeze.k={k}"])
     tokens = args.batch_size * args.block_size
     spear_sps, plain_sps, full_sps, top8_sps, full_opt, top8_opt = [], [], [], [], [], []
     for r in range(args.repeats):

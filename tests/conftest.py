@@ -16,19 +16,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture
 def compose(tmp_path):
-    """compose(config_name, overrides) -> DictConfig with ``paths.output_dir`` in tmp_path."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from spear.paths import CONF_DIR
+    """compose(stage, overrides) -> the stage's validated run config, ``paths.output_dir`` in tmp_path."""
+    from spear.config import compose as compose_stage
 
     def _compose(config_name: str, overrides: list[str] | None = None, output_dir: Path | None = None):
         out = output_dir or (tmp_path / "run")
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return hydra_compose(
-                config_name=config_name,
-                overrides=[f"paths.output_dir={out}", "logger=none", *(overrides or [])],
-            )
+        return compose_stage(config_name, [f"paths.output_dir={out}", "logger=none", *(overrides or [])])
 
     return _compose
 

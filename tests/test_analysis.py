@@ -84,7 +84,7 @@ def pair(tiny_llama_dir, tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _run(compose, base, adapted, out: Path, *overrides):
-    from spear.analyze import run
+    from spear.analysis.stage import run_analyze as run
 
     cfg = compose("analyze", [f"base={base}", f"adapted={adapted}", "progress=false", *overrides], output_dir=out)
     return run(cfg)
@@ -320,8 +320,8 @@ def test_posterior_ranks_the_layers_whose_restoration_helps(compose, trained_pai
     base, adapted, general, domain = trained_pair
     result = _run(
         compose, base, adapted, tmp_path / "post", "impact=posterior",
-        f"posterior.general_text={general}", f"posterior.domain_text={domain}",
-        "posterior.max_tokens=768", "posterior.max_length=128", "posterior.stride=128", "posterior.groups=true",
+        f"proxy.general.source={general}", f"proxy.domain.source={domain}", "proxy.general.max_tokens=768",
+        "proxy.domain.max_tokens=768", "proxy.max_length=128", "proxy.stride=128", "impact.groups=true",
     )
     ranking = json.loads(Path(result["ranking_path"]).read_text())
     assert ranking["impact"]["name"] == "posterior"

@@ -55,7 +55,7 @@ def drifted(smollm2_dir, tmp_path_factory) -> Path:
 
 
 def test_smollm2_drifted_layers_rank_first(compose, smollm2_dir, drifted, tmp_path):
-    from spear.analyze import run
+    from spear.analysis.stage import run_analyze as run
 
     cfg = compose("analyze", [f"adapted={drifted}", "progress=false"], output_dir=tmp_path / "run")
     result = run(cfg)
@@ -109,7 +109,7 @@ def test_smollm2_spectrum_snr_ranking(smollm2_dir, tmp_path):
 
 
 def test_smollm2_posterior_smoke(compose, drifted, tmp_path):
-    from spear.analyze import run
+    from spear.analysis.stage import run_analyze as run
 
     cfg = compose(
         "analyze",

@@ -85,7 +85,7 @@ def test_quick_suite_on_smollm2(compose, tmp_path):
     reason = _asset_missing("smollm2_135m", "eval_data", "general_text", "finance_heldout")
     if reason:
         pytest.skip(reason)
-    from spear.evaluate import run
+    from spear.evaluation.stage import run_evaluate as run
 
     out = run(compose("evaluate", ["model=smollm2_135m", "eval=quick"], output_dir=tmp_path / "quick"))
     results = out["results"]

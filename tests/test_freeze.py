@@ -6,14 +6,9 @@ import json
 
 import pytest
 
-from spear.cpt.freeze import (
-    apply_freeze,
-    load_ranking,
-    plan_for_model,
-    plan_freeze,
-    ranking_for,
-    resolve_modules,
-)
+from spear.config.schema import GROUP_OPTIONS, FreezeConfig
+from spear.config.store import validate_node
+from spear.cpt.freeze import apply_freeze, plan_for_model, plan_freeze, ranking_for, resolve_modules
 from spear.errors import SpearError
 from spear.models import layer_map_for
 from spear.models.tiny import build_tiny
@@ -25,9 +20,16 @@ def tiny():
     return model, layer_map_for(model.config)
 
 
+def freeze(**values) -> FreezeConfig:
+    """A validated freeze config: the mode's option with ``values`` (as freeze.<key>=... would)."""
+    option = GROUP_OPTIONS["freeze"].get(values.get("mode", "none"), FreezeConfig())
+    return validate_node(FreezeConfig, {**option.model_dump(), **values}, "freeze")
+
+
 def _plan(tiny, **cfg):
     model, lmap = tiny
-    return plan_for_model(cfg, model, lmap, cfg.pop("_ranking", None))
+    ranking = cfg.pop("_ranking", None)
+    return plan_for_model(freeze(**cfg), model, lmap, ranking)
 
 
 def _layers_of(names):
@@ -81,7 +83,7 @@ def test_tied_embeddings_freeze_together(tiny):
 def test_untied_output_embedding_is_separate():
     names = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "lm_head.weight"]
     lmap = layer_map_for(build_tiny("tiny_llama")[0].config)
-    plan = plan_freeze({"mode": "none", "embeddings": "output"}, lmap, names,
+    plan = plan_freeze(freeze(mode="none", embeddings="output"), lmap, names,
                        input_embedding=names[0], output_embedding="lm_head.weight", tied=False)
     assert plan.frozen_params == ("lm_head.weight",) and not plan.notes
 
@@ -89,7 +91,7 @@ def test_untied_output_embedding_is_separate():
 def test_apply_freeze_sets_requires_grad():
     model, _ = build_tiny("tiny_llama")
     lmap = layer_map_for(model.config)
-    plan = plan_for_model({"mode": "last", "k": 1}, model, lmap)
+    plan = plan_for_model(freeze(mode="last", k=1), model, lmap)
     counts = apply_freeze(model, plan)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen == set(plan.frozen_params)
@@ -97,34 +99,35 @@ def test_apply_freeze_sets_requires_grad():
     assert counts["total"] == sum(p.numel() for p in model.parameters())
 
 
-def _ranking_file(path, order, num_layers=None):
-    path.write_text(json.dumps({"spear_version": "0", "num_layers": num_layers or len(order), "order": order,
-                                "layers": []}))
+def _ranking_file(path, order):
+    """A ranking.json (SPEC §2.4) whose scores give ``order``."""
+    scores = {layer: 1.0 - i / len(order) for i, layer in enumerate(order)}
+    path.write_text(json.dumps({"spear_version": "0", "num_layers": len(order), "order": order,
+                                "layers": [{"layer": layer, "score": scores[layer]} for layer in range(len(order))]}))
     return path
 
 
-def test_load_ranking(tmp_path):
+def test_ranking_for_reads_the_ranking(tmp_path):
     path = _ranking_file(tmp_path / "ranking.json", [3, 1, 0, 2])
-    assert load_ranking(path, 4) == [3, 1, 0, 2]
-    assert load_ranking(tmp_path, 4) == [3, 1, 0, 2]  # a dir holding ranking.json
-    order, source = ranking_for({"mode": "ranked", "k": 1, "ranking": str(path)}, tmp_path, 4)
+    order, source = ranking_for(freeze(mode="ranked", k=1, ranking=str(path)), tmp_path, 4)
     assert order == [3, 1, 0, 2] and source == str(path)
-    assert ranking_for({"mode": "last", "k": 1}, tmp_path, 4) == (None, None)
+    assert ranking_for(freeze(mode="ranked", k=1, ranking=str(tmp_path)), tmp_path, 4)[0] == [3, 1, 0, 2]  # its dir
+    assert ranking_for(freeze(mode="last", k=1), tmp_path, 4) == (None, None)
 
 
 @pytest.mark.parametrize(
     "cfg, match",
     [
         ({"mode": "last", "k": 5}, "freeze.k=5 is out of range: the model has 4 layers"),
-        ({"mode": "first", "k": -1}, "out of range"),
-        ({"mode": "last"}, "needs freeze.k"),
+        ({"mode": "first", "k": -1}, "freeze.k=-1: input should be greater than or equal to 0"),
+        ({"mode": "last", "k": None}, "needs freeze.k"),
         ({"mode": "layers", "layers": [4]}, "outside"),
-        ({"mode": "layers"}, "needs freeze.layers"),
-        ({"mode": "diagonal"}, "freeze.mode='diagonal' is unknown"),
+        ({"mode": "layers", "layers": None}, "needs freeze.layers"),
+        ({"mode": "diagonal"}, "freeze.mode='diagonal': input should be 'none', 'ranked'"),
         ({"mode": "last", "k": 1, "modules": "self_attn.x_proj"}, "'self_attn.x_proj' is unknown"),
         ({"mode": "last", "k": 1, "modules": "proj"}, "unknown"),
         ({"mode": "last", "k": 1, "modules": ["all", "attn"]}, "mixes 'all'"),
-        ({"mode": "none", "embeddings": "sideways"}, "freeze.embeddings"),
+        ({"mode": "none", "embeddings": "sideways"}, "freeze.embeddings='sideways'"),
         ({"mode": "ranked", "k": 1, "_ranking": [0, 0, 1, 2]}, "distinct"),
     ],
 )
@@ -135,28 +138,28 @@ def test_bad_configs_are_one_line_errors(tiny, cfg, match):
 
 
 def test_bad_ranking_files(tmp_path):
+    def load(path):
+        return ranking_for(freeze(mode="ranked", k=1, ranking=str(path)), tmp_path, 4)
+
     wrong = _ranking_file(tmp_path / "r30.json", list(range(30)))
-    with pytest.raises(SpearError, match="ranks 30 layers but the model has 4") as err:
-        load_ranking(wrong, 4)
+    with pytest.raises(SpearError, match="has 30 layers but the model has 4; set freeze.ranking") as err:
+        load(wrong)
     assert "\n" not in str(err.value)
     with pytest.raises(SpearError, match="does not exist"):
-        load_ranking(tmp_path / "missing.json", 4)
+        load(tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(SpearError, match="not a readable ranking.json"):
-        load_ranking(tmp_path / "bad.json", 4)
+    with pytest.raises(SpearError, match="freeze.ranking=.*not valid JSON"):
+        load(tmp_path / "bad.json")
     (tmp_path / "noorder.json").write_text("{}")
-    with pytest.raises(SpearError, match="no 'order'"):
-        load_ranking(tmp_path / "noorder.json", 4)
+    with pytest.raises(SpearError, match="no `layers` list"):
+        load(tmp_path / "noorder.json")
 
 
 def test_ranked_without_ranking_uses_spectrum_snr(tiny_llama_dir, caplog):
-    """Fallback of freeze=ranked without freeze.ranking (needs spear.analysis.scoring)."""
-    scoring = pytest.importorskip("spear.analysis.scoring")
-    if not hasattr(scoring, "spectrum_snr_ranking"):
-        pytest.skip("spear.analysis.scoring.spectrum_snr_ranking not written yet")
+    """Fallback of freeze=ranked without freeze.ranking: the base model's Spectrum SNR ranking."""
     import logging
 
     with caplog.at_level(logging.INFO, logger="spear.cpt.freeze"):
-        order, source = ranking_for({"mode": "ranked", "k": 2, "ranking": None}, tiny_llama_dir, 4)
+        order, source = ranking_for(freeze(mode="ranked", k=2), tiny_llama_dir, 4)
     assert sorted(order) == [0, 1, 2, 3] and source.startswith("spectrum_snr")
     assert "Spectrum SNR" in caplog.text

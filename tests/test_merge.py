@@ -19,10 +19,23 @@ from safetensors.torch import load_file, save_file
 from spear.errors import SpearError
 from spear.io.reader import Checkpoint
 from spear.io.writer import ShardedSafetensorsWriter, TensorSpec, parse_size, plan_shards
-from spear.merging.policies import TMap
+from spear.analysis.ranking import Unit
+from spear.config.schema import SlerpMerge
+from spear.merging.plan import MergePlan, TMap
 from spear.merging.streaming import layer_map_of_dir_config, merge_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def tmap_of(layer_t=None, group_t=None, non_layer_t: float = 0.0) -> TMap:
+    """A TMap from per-layer and per-(layer, group) strengths."""
+    units = {Unit(layer): t for layer, t in (layer_t or {}).items()}
+    units.update({Unit(*key): t for key, t in (group_t or {}).items()})
+    return TMap(units, non_layer_t)
+
+
+def merge(base, adapted, out, tmap, *, max_shard_size="2GB", **kwargs):
+    return merge_checkpoints(base, adapted, out, tmap, SlerpMerge(max_shard_size=max_shard_size), **kwargs)
 
 
 def perturb(src: Path, dst: Path, scale: float = 0.05, seed: int = 1) -> Path:
@@ -60,8 +73,8 @@ def lmap_of(model_dir: Path):
 
 def test_t0_everywhere_is_the_adapted_model_and_t1_the_base(pair, tmp_path):
     base, adapted = pair
-    merge_checkpoints(base, adapted, tmp_path / "t0", TMap({i: 0.0 for i in range(4)}), progress=False)
-    merge_checkpoints(base, adapted, tmp_path / "t1", TMap({i: 1.0 for i in range(4)}, None, 1.0), progress=False)
+    merge(base, adapted, tmp_path / "t0", tmap_of({i: 0.0 for i in range(4)}), progress=False)
+    merge(base, adapted, tmp_path / "t1", tmap_of({i: 1.0 for i in range(4)}, None, 1.0), progress=False)
     a, b = read_all(adapted), read_all(base)
     for name, tensor in read_all(tmp_path / "t0").items():
         assert torch.equal(tensor, a[name]), name
@@ -74,7 +87,7 @@ def test_output_loads_is_finite_and_stays_tied(pair, tmp_path):
 
     base, adapted = pair
     out = tmp_path / "out"
-    report = merge_checkpoints(base, adapted, out, TMap({0: 0.5, 2: 1.0}, None, 0.3), progress=False)
+    report = merge(base, adapted, out, tmap_of({0: 0.5, 2: 1.0}, None, 0.3), progress=False)
     assert {"config.json", "generation_config.json", "tokenizer.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
     with safe_open(out / "model.safetensors", "pt") as fh:
         assert "lm_head.weight" not in fh.keys()  # tied: stored once, as in the inputs
@@ -100,16 +113,16 @@ def test_untied_lm_head_stays_equal_to_embeddings(pair, tmp_path):
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
         save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
         dirs.append(dst)
-    merge_checkpoints(dirs[0], dirs[1], tmp_path / "out", TMap({}, None, 0.4), progress=False)
+    merge(dirs[0], dirs[1], tmp_path / "out", tmap_of({}, None, 0.4), progress=False)
     out = read_all(tmp_path / "out")
     assert torch.equal(out["lm_head.weight"], out["model.embed_tokens.weight"])
 
 
 def test_sharded_output_reads_back_identical(pair, tmp_path):
     base, adapted = pair
-    tmap = TMap({0: 0.3, 1: 0.7, 3: 1.0})
-    merge_checkpoints(base, adapted, tmp_path / "one", tmap, progress=False)
-    rep = merge_checkpoints(base, adapted, tmp_path / "many", tmap, max_shard_size="40KB", progress=False)
+    tmap = tmap_of({0: 0.3, 1: 0.7, 3: 1.0})
+    merge(base, adapted, tmp_path / "one", tmap, progress=False)
+    rep = merge(base, adapted, tmp_path / "many", tmap, max_shard_size="40KB", progress=False)
     assert len(rep["files"]) > 3 and (tmp_path / "many" / "model.safetensors.index.json").exists()
     index = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(rep["files"])
@@ -130,7 +143,7 @@ def test_writer_handles_dtypes_and_plans_shards(tmp_path):
         "d": torch.tensor(2.5, dtype=torch.float16),
         "e": torch.tensor([True, False]),
     }
-    from spear.io.writer import torch_to_st_dtype
+    from spear.io.dtypes import torch_to_st_dtype
 
     specs = [TensorSpec(n, torch_to_st_dtype(t.dtype), tuple(t.shape)) for n, t in tensors.items()]
     with ShardedSafetensorsWriter(tmp_path / "w", specs, 64) as w:
@@ -153,12 +166,12 @@ def test_in_memory_merge_equals_streaming_merge(pair, tmp_path):
     from spear.merging.inmemory import InMemoryMerger
 
     base, adapted = pair
-    tmap = TMap({0: 0.25, 1: 0.5, 3: 1.0}, {(0, "attn"): 0.1, (0, "mlp"): 0.4, (1, "attn"): 0.5, (1, "mlp"): 0.5}, 0.2)
-    merge_checkpoints(base, adapted, tmp_path / "out", tmap, progress=False)
+    tmap = tmap_of({0: 0.25, 1: 0.5, 3: 1.0}, {(0, "attn"): 0.1, (0, "mlp"): 0.4, (1, "attn"): 0.5, (1, "mlp"): 0.5}, 0.2)
+    merge(base, adapted, tmp_path / "out", tmap, progress=False)
     streamed = read_all(tmp_path / "out")
     model = AutoModelForCausalLM.from_pretrained(adapted).eval()
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
-    merger = InMemoryMerger(model, base)
+    merger = InMemoryMerger(model, base, SlerpMerge())
     merger.apply(tmap)
     for name, param in model.named_parameters():
         assert torch.equal(param, streamed[name]), name
@@ -176,21 +189,21 @@ def test_in_memory_merger_touches_only_changed_tensors(pair):
     base, adapted = pair
     model = AutoModelForCausalLM.from_pretrained(adapted).eval()
     base_t = read_all(base)
-    merger = InMemoryMerger(model, base)
+    merger = InMemoryMerger(model, base, SlerpMerge())
     per_layer = 9  # 7 matrices + 2 norms of a Llama layer
-    first = merger.apply(TMap({2: 1.0}))
+    first = merger.apply(tmap_of({2: 1.0}))
     assert len(first) == per_layer
     assert torch.equal(model.model.layers[2].mlp.down_proj.weight, base_t["model.layers.2.mlp.down_proj.weight"])
-    second = merger.apply(TMap({3: 1.0}))  # layer 2 back to adapted, layer 3 restored
+    second = merger.apply(tmap_of({3: 1.0}))  # layer 2 back to adapted, layer 3 restored
     assert len(second) == 2 * per_layer
-    assert merger.apply(TMap({3: 1.0})) == {}
-    assert merger.current == TMap({3: 1.0})
+    assert merger.apply(tmap_of({3: 1.0})) == {}
+    assert merger.current == tmap_of({3: 1.0})
     full = merger.apply(merger.base_tmap())
     for name, param in model.named_parameters():
         assert torch.equal(param, base_t[name]), name
     assert len(full) + per_layer == sum(1 for _ in model.named_parameters())
     with pytest.raises(SpearError, match="layers 0..3"):
-        merger.apply(TMap({4: 1.0}))
+        merger.apply(tmap_of({4: 1.0}))
 
 
 def test_bad_input_different_architectures(tmp_path):
@@ -199,7 +212,7 @@ def test_bad_input_different_architectures(tmp_path):
     llama = save_tiny("tiny_llama", tmp_path / "llama")
     gemma = save_tiny("tiny_gemma", tmp_path / "gemma")
     with pytest.raises(SpearError, match="different architectures"):
-        merge_checkpoints(llama, gemma, tmp_path / "out", TMap(), progress=False)
+        merge(llama, gemma, tmp_path / "out", tmap_of(), progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -211,14 +224,14 @@ def test_bad_input_shape_mismatch_and_nan(pair, tmp_path):
     tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"][:-1].clone()
     save_file(tensors, shape_bad / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(SpearError, match="shape"):
-        merge_checkpoints(base, shape_bad, tmp_path / "o1", TMap(), progress=False)
+        merge(base, shape_bad, tmp_path / "o1", tmap_of(), progress=False)
     nan_bad = tmp_path / "nan"
     shutil.copytree(adapted, nan_bad)
     tensors = load_file(nan_bad / "model.safetensors")
     tensors["model.layers.3.self_attn.v_proj.weight"][0, 0] = float("nan")
     save_file(tensors, nan_bad / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(SpearError, match="NaN"):
-        merge_checkpoints(base, nan_bad, tmp_path / "o2", TMap({3: 0.5}), progress=False)
+        merge(base, nan_bad, tmp_path / "o2", tmap_of({3: 0.5}), progress=False)
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
     assert not list(tmp_path.glob(".tmp-*"))
 
@@ -226,9 +239,9 @@ def test_bad_input_shape_mismatch_and_nan(pair, tmp_path):
 def test_bad_input_t_and_layers(pair, tmp_path):
     base, adapted = pair
     with pytest.raises(SpearError, match=r"\[0, 1\]"):
-        merge_checkpoints(base, adapted, tmp_path / "o", TMap({0: 1.5}), progress=False)
+        merge(base, adapted, tmp_path / "o", tmap_of({0: 1.5}), progress=False)
     with pytest.raises(SpearError, match="layer 7"):
-        merge_checkpoints(base, adapted, tmp_path / "o", TMap({7: 0.5}), progress=False)
+        merge(base, adapted, tmp_path / "o", tmap_of({7: 0.5}), progress=False)
 
 
 def test_existing_output_needs_overwrite(pair, tmp_path):
@@ -237,9 +250,9 @@ def test_existing_output_needs_overwrite(pair, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     with pytest.raises(SpearError, match="overwrite=true"):
-        merge_checkpoints(base, adapted, out, TMap(), progress=False)
+        merge(base, adapted, out, tmap_of(), progress=False)
     assert (out / "keep.txt").read_text() == "user data"
-    merge_checkpoints(base, adapted, out, TMap(), overwrite=True, progress=False)
+    merge(base, adapted, out, tmap_of(), overwrite=True, progress=False)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
 
 
@@ -254,9 +267,9 @@ def test_interrupted_merge_leaves_nothing_and_the_next_run_succeeds(pair, tmp_pa
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        merge_checkpoints(base, adapted, out, TMap({1: 0.5}), max_shard_size="40KB", progress=False, on_tensor=boom)
+        merge(base, adapted, out, tmap_of({1: 0.5}), max_shard_size="40KB", progress=False, on_tensor=boom)
     assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
-    merge_checkpoints(base, adapted, out, TMap({1: 0.5}), progress=False)
+    merge(base, adapted, out, tmap_of({1: 0.5}), progress=False)
     assert (out / "model.safetensors").exists()
 
 
@@ -267,13 +280,14 @@ def test_killed_merge_process_leaves_no_output(pair, tmp_path):
     code = f"""
 import time
 from pathlib import Path
-from spear.merging.policies import TMap
+from spear.config.schema import SlerpMerge
+from spear.merging.plan import TMap
 from spear.merging.streaming import merge_checkpoints
 def slow(name):
     Path({str(marker)!r}).touch()
     time.sleep(0.2)
-merge_checkpoints(Path({str(base)!r}), Path({str(adapted)!r}), Path({str(out)!r}), TMap({{1: 0.5}}),
-                  max_shard_size="40KB", progress=False, on_tensor=slow)
+merge_checkpoints(Path({str(base)!r}), Path({str(adapted)!r}), Path({str(out)!r}), TMap.of_layers({{1: 0.5}}),
+                  SlerpMerge(max_shard_size="40KB"), progress=False, on_tensor=slow)
 """
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
     try:
@@ -287,7 +301,7 @@ merge_checkpoints(Path({str(base)!r}), Path({str(adapted)!r}), Path({str(out)!r}
         proc.wait()
     assert not out.exists()
     assert list(tmp_path.glob(".tmp-out-*"))  # the half-written temp dir, hidden
-    merge_checkpoints(base, adapted, out, TMap({1: 0.5}), progress=False)
+    merge(base, adapted, out, tmap_of({1: 0.5}), progress=False)
     assert (out / "model.safetensors").exists() and not list(tmp_path.glob(".tmp-out-*"))
 
 
@@ -328,11 +342,11 @@ def test_run_writes_model_report_and_mergekit_yaml(pair, tmp_path, compose):
     import yaml
     from transformers import AutoModelForCausalLM
 
-    from spear.merge import run
+    from spear.merging.stage import run_merge as run
 
     base, adapted = pair
     ranking = write_ranking(tmp_path / "ranking.json")
-    cfg = compose("merge", [f"base={base}", f"adapted={adapted}", f"ranking={ranking}", "merge.progress=false"])
+    cfg = compose("merge", [f"base={base}", f"adapted={adapted}", f"ranking={ranking}", "progress=false"])
     result = run(cfg)
     run_dir = Path(result["output_dir"])
     report = json.loads((run_dir / "merge_report.json").read_text())
@@ -353,17 +367,19 @@ def test_run_writes_model_report_and_mergekit_yaml(pair, tmp_path, compose):
     with pytest.raises(SpearError, match="overwrite=true"):
         run(cfg)
     cfg2 = compose("merge", [f"base={base}", f"adapted={adapted}", "policy=uniform", "policy.t=1.0",
-                             "policy.non_layer_t=1.0", "overwrite=true", "merge.progress=false"])  # fmt: skip
+                             "policy.non_layer_t=1.0", "overwrite=true", "progress=false"])  # fmt: skip
     run(cfg2)
     b = read_all(base)
     for name, tensor in read_all(run_dir / "model").items():
         assert torch.equal(tensor, b[name]), name
 
 
-def mergekit_t(cfg: dict, name: str, num_layers: int, layer: int | None) -> float:
-    """mergekit's evaluate_setting for `t` (first matching filter; gradient at layer/(n-1))."""
+def mergekit_value(setting, name: str, num_layers: int, layer: int | None) -> float:
+    """mergekit's evaluate_setting of one parameter (first matching filter; gradient at layer/(n-1))."""
+    if not isinstance(setting, list):
+        return setting
     pos = 0.0 if layer is None else layer / (num_layers - 1)
-    for entry in cfg["parameters"]["t"]:
+    for entry in setting:
         if entry.get("filter") is None or entry["filter"] in name:
             value = entry["value"]
             if isinstance(value, list):
@@ -373,33 +389,50 @@ def mergekit_t(cfg: dict, name: str, num_layers: int, layer: int | None) -> floa
                 frac = scaled - i0
                 return (1 - frac) * value[i0] + frac * value[i1]
             return value
-    raise AssertionError(f"no t for {name}")
+    raise AssertionError(f"no value for {name}")
 
 
 @pytest.mark.parametrize("group", [False, True])
 def test_mergekit_export_gives_every_tensor_spears_t(pair, group):
+    import yaml
+
     from spear.merging.exports import mergekit_config, mergekit_yaml
 
     base, adapted = pair
-    tmap = TMap({0: 0.1, 1: 0.0, 2: 0.75, 3: 1.0}, {(0, "attn"): 0.2, (0, "mlp"): 0.0, (2, "attn"): 1.0, (2, "mlp"): 0.5} if group else None, 0.05)
+    tmap = tmap_of({0: 0.1, 1: 0.0, 2: 0.75, 3: 1.0}, {(0, "attn"): 0.2, (0, "mlp"): 0.0, (2, "attn"): 1.0, (2, "mlp"): 0.5} if group else None, 0.05)
+    lmap = lmap_of(adapted)
+    names = Checkpoint(adapted).names + ["lm_head.weight"]
+    spear_t = {name: step.t for name, step in MergePlan.build(tmap, lmap, names, SlerpMerge()).steps.items()}
+    assert len(set(spear_t.values())) >= 4  # the map really varies across tensors
     cfg = mergekit_config(tmap, base=str(base), adapted=str(adapted), num_layers=4)
     assert cfg["base_model"] == str(adapted) and [m["model"] for m in cfg["models"]] == [str(adapted), str(base)]
-    lmap = lmap_of(adapted)
-    for name in Checkpoint(adapted).names + ["lm_head.weight"]:
-        layer = lmap.layer_of(name)
-        assert mergekit_t(cfg, name, 4, layer) == pytest.approx(tmap.t_for(name, lmap), abs=1e-12), name
-    import yaml
-
+    for name in names:
+        assert mergekit_value(cfg["parameters"]["t"], name, 4, lmap.layer_of(name)) == pytest.approx(spear_t[name], abs=1e-12), name
     assert yaml.safe_load(mergekit_yaml(cfg)) == cfg
-    for kernel in ("linear", "task_arithmetic", "ties", "dare"):
-        assert mergekit_config(tmap, base="b", adapted="a", num_layers=4, kernel=kernel)["merge_method"]
+    # the other kernels: weights (and densities) that give each tensor spear's t
+    density = 0.3
+    for kernel, method in (("linear", "linear"), ("task_arithmetic", "task_arithmetic"), ("ties", "ties"), ("dare", "dare_linear")):
+        cfg = mergekit_config(tmap, base=str(base), adapted=str(adapted), num_layers=4, kernel=kernel,
+                              kernel_params={"density": density})
+        assert cfg["merge_method"] == method
+        models = {m["model"]: m.get("parameters", {}) for m in cfg["models"]}
+        for name in names:
+            layer, t = lmap.layer_of(name), spear_t[name]
+            assert mergekit_value(models[str(adapted)]["weight"], name, 4, layer) == pytest.approx(1 - t, abs=1e-12), (kernel, name)
+            if kernel == "linear":
+                assert mergekit_value(models[str(base)]["weight"], name, 4, layer) == pytest.approx(t, abs=1e-12)
+            else:
+                assert cfg["base_model"] == str(base) and str(base) not in models
+            if kernel in ("ties", "dare"):
+                expect = density if t > 0 else 1.0  # t=0 keeps the adapted tensor untrimmed
+                assert mergekit_value(models[str(adapted)]["density"], name, 4, layer) == pytest.approx(expect), (kernel, name)
 
 
 def test_run_without_ranking_ranks_with_the_analysis_code(pair, compose):
-    from spear.merge import run
+    from spear.merging.stage import run_merge as run
 
     base, adapted = pair
-    cfg = compose("merge", [f"base={base}", f"adapted={adapted}", "policy=top_k", "policy.k=1", "merge.progress=false"])
+    cfg = compose("merge", [f"base={base}", f"adapted={adapted}", "policy=top_k", "policy.k=1", "progress=false"])
     result = run(cfg)
     run_dir = Path(result["output_dir"])
     ranking = json.loads((run_dir / "ranking.json").read_text())
@@ -408,22 +441,38 @@ def test_run_without_ranking_ranks_with_the_analysis_code(pair, compose):
 
 
 def test_target_retention_searches_in_memory_then_writes(pair, tmp_path, compose):
-    from spear.merge import run
+    from transformers import AutoModelForCausalLM
+
+    from spear.analysis.ranking import Ranking
+    from spear.evaluation.proxy import ProxyEvaluator
+    from spear.merging.inmemory import InMemoryMerger
+    from spear.merging.policies import build_tmap
+    from spear.merging.stage import run_merge as run
+    from spear.models import load_model
 
     base, adapted = pair
     text = tmp_path / "general.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     ranking = write_ranking(tmp_path / "ranking.json")
     common = [f"base={base}", f"adapted={adapted}", f"ranking={ranking}", "policy=target_retention",
-              f"policy.general_text={text}", "policy.max_tokens=256", "policy.max_length=128", "policy.stride=128",
-              "merge.progress=false"]  # fmt: skip
-    result = run(compose("merge", [*common, "policy.metric=recovery", "policy.target=0.3"], output_dir=tmp_path / "a"))
+              f"proxy.general.source={text}", "proxy.general.max_tokens=256", "proxy.max_length=128", "proxy.stride=128",
+              "progress=false"]  # fmt: skip
+    cfg = compose("merge", [*common, "policy.metric=recovery", "policy.target=0.3"], output_dir=tmp_path / "a")
+    result = run(cfg)
     search = result["search"]
     assert search["metric"] == "recovery" and search["nll_base"] != search["nll_adapted"]
-    assert 0.0 <= search["scale"] <= 1.0 and len(search["history"]) >= 2
-    assert search["reached"] == (search["value"] >= 0.3)
+    assert search["reached"] and search["value"] >= 0.3 and len(search["history"]) >= 3
     report = json.loads((tmp_path / "a" / "merge_report.json").read_text())
     assert report["search"]["scale"] == search["scale"]
+    # the search found the smallest sufficient scale: one tolerance step less misses the target
+    model, tokenizer = load_model(str(adapted))
+    merger = InMemoryMerger(model, base, cfg.merge)
+    full = build_tmap(Ranking.load(ranking), cfg.policy, 4)
+    merger.apply(full.scaled(search["scale"] - cfg.policy.tol))
+    nll = ProxyEvaluator(tokenizer, cfg.proxy, roles=("general",)).nll(model)["general"]
+    recovery = (search["nll_adapted"] - nll) / (search["nll_adapted"] - search["nll_base"])
+    assert recovery < 0.3
+    assert report["layer_t"] == {str(k): v for k, v in full.scaled(search["scale"]).layer_t.items()}
     unreachable = run(compose("merge", [*common, "policy.target=5.0"], output_dir=tmp_path / "b"))
     assert unreachable["search"]["reached"] is False and unreachable["search"]["scale"] == 1.0
 

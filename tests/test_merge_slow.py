@@ -30,13 +30,13 @@ def test_smollm2_merge_loads_matches_in_memory_and_restores(smol_pair, tmp_path,
     from test_merge import write_ranking_n
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from spear.merge import run
+    from spear.merging.stage import run_merge as run
     from spear.merging.inmemory import InMemoryMerger
     from spear.merging.policies import TMap
 
     base, adapted = smol_pair
     ranking = write_ranking_n(tmp_path / "ranking.json", 30)
-    result = run(compose("merge", [f"base={base}", f"adapted={adapted}", f"ranking={ranking}", "merge.progress=false",
+    result = run(compose("merge", [f"base={base}", f"adapted={adapted}", f"ranking={ranking}", "progress=false",
                                    "merge.max_shard_size=200MB"]))  # fmt: skip
     out = Path(result["model_dir"])
     report = json.loads(Path(result["report_path"]).read_text())

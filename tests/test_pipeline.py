@@ -15,8 +15,8 @@ TINY = [
     "trainer.max_steps=4",
     "trainer.val_check_interval=2",
     "eval.limits.spear_arc_easy=8",
-    "eval.perplexity.corpora.general.max_tokens=256",
-    "eval.perplexity.corpora.finance_heldout.max_tokens=256",
+    "proxy.general.max_tokens=256",
+    "proxy.domain.max_tokens=256",
 ]
 
 
@@ -32,20 +32,16 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_runs(corpus, tmp_path_factory):
     """Two pipeline runs with the same config sharing one stage cache."""
-    from hydra import compose, initialize_config_dir
-
-    from spear import pipeline
-    from spear.paths import CONF_DIR
+    from spear.config import compose
+    from spear.pipeline import run_pipeline
 
     root = tmp_path_factory.mktemp("pipeline")
     summaries, dirs = [], []
     for i in range(2):
         out = root / f"run{i}"
         overrides = [*TINY, f"data.paths=[{corpus}]", f"pipeline.cache_dir={root / 'cache'}",
-                     f"paths.output_dir={out}", "logger=none"]
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name="pipeline", overrides=overrides)
-        summaries.append(pipeline.run(cfg))
+                     f"paths.output_dir={out}", "logger=none", "progress=false"]
+        summaries.append(run_pipeline(compose("pipeline", overrides)))
         dirs.append(out)
     return summaries, dirs
 
@@ -67,6 +63,29 @@ def test_pipeline_writes_every_output(tiny_runs):
     assert {r["versus"] for r in summary["relations"]} == {"uniform@balanced", "balanced@random", "adapted"}
     assert summary["cost"]["extra_policy_vs_cpt"] > 0
     assert "| balanced |" in (dirs[0] / "summary.md").read_text()
+    # not true by definition: CPT moved the model, and the controls differ from the policy
+    assert by["adapted"]["metrics"]["nll/general"] != pytest.approx(by["base"]["metrics"]["nll/general"], abs=1e-4)
+    assert by["balanced@random"]["tmap"] != by["balanced"]["tmap"]
+
+
+def test_pipeline_numbers_are_what_the_standalone_stages_give(tiny_runs, compose, tmp_path):
+    """The balanced model of the summary, merged again on disk and evaluated by spear.evaluate, has
+    the NLL the pipeline reported (its in-memory merge, stage configs and cache agree with the stages)."""
+    from spear.evaluation.stage import run_evaluate
+    from spear.merging.stage import run_merge
+
+    summaries, _ = tiny_runs
+    artifacts = summaries[0]["artifacts"]["1234"]
+    merged = run_merge(compose("merge", ["model=tiny_llama", f"adapted={artifacts['adapted_model']}",
+                                         f"ranking={artifacts['ranking']}", "policy=balanced", "progress=false"],
+                               output_dir=tmp_path / "merge"))
+    reported = next(m for m in summaries[0]["per_seed"][0] if m["name"] == "balanced")
+    assert merged["layer_t"] == reported["tmap"]["layer_t"]
+    evaluated = run_evaluate(compose("evaluate", ["model=tiny_llama", f"model.ref={merged['model_dir']}", "eval=perplexity",
+                                                  *[o for o in TINY if o.startswith("proxy.")], "progress=false"],
+                                     output_dir=tmp_path / "eval"))
+    for corpus, nll in evaluated["results"]["nll"].items():
+        assert nll == pytest.approx(reported["metrics"][f"nll/{corpus}"], abs=1e-5), corpus
 
 
 def test_second_run_reuses_every_stage(tiny_runs):
@@ -78,25 +97,29 @@ def test_second_run_reuses_every_stage(tiny_runs):
     assert summaries[0]["models"] == summaries[1]["models"]
 
 
-def test_random_ranking_moves_scores_not_values():
-    from spear.pipeline import random_ranking
-
-    ranking = {"num_layers": 4, "order": [2, 0, 3, 1],
-               "layers": [{"layer": i, "score": s, "groups": {"attn": s, "mlp": -s}} for i, s in enumerate([0.5, 0.1, 0.9, 0.3])]}
-    shuffled = random_ranking(ranking, seed=3)
-    assert sorted(e["score"] for e in shuffled["layers"]) == sorted(e["score"] for e in ranking["layers"])
-    by_layer = {e["layer"]: e["score"] for e in shuffled["layers"]}
-    assert [by_layer[layer] for layer in shuffled["order"]] == [0.9, 0.5, 0.3, 0.1]
-    assert random_ranking(ranking, seed=3) == shuffled
-
-
 def test_unknown_extra_policy_is_a_clear_error():
     from spear.errors import SpearError
-    from spear.pipeline import policy_config
+    from spear.merging.controls import policy_from_spec
 
-    with pytest.raises(SpearError, match="use one of"):
-        policy_config("no_such_policy")
-    assert policy_config({"policy": "uniform", "t": 0.3, "label": "u3"})["t"] == 0.3
+    with pytest.raises(SpearError, match="policy: <one of"):
+        policy_from_spec("no_such_policy")
+    with pytest.raises(SpearError, match="policy.t=2"):
+        policy_from_spec({"policy": "uniform", "t": 2})
+    assert policy_from_spec({"policy": "uniform", "t": 0.3, "label": "u3"}).t == 0.3
+
+
+def test_invalid_inputs_fail_before_anything_is_evaluated(corpus, tmp_path):
+    from spear.config import compose
+    from spear.errors import SpearError
+    from spear.pipeline import run_pipeline
+
+    overrides = [*TINY, f"data.paths=[{corpus}]", f"pipeline.cache_dir={tmp_path / 'cache'}",
+                 f"paths.output_dir={tmp_path / 'run'}", "logger=none"]
+    with pytest.raises(SpearError, match="extra_policies"):
+        run_pipeline(compose("pipeline", [*overrides, "pipeline.extra_policies=[nope]"]))
+    with pytest.raises(SpearError, match="proxy.general.source"):
+        run_pipeline(compose("pipeline", [*overrides, f"proxy.general.source={tmp_path / 'missing.txt'}"]))
+    assert not (tmp_path / "cache").exists()
 
 
 def test_notebook_executes_headless_against_the_run(tiny_runs, monkeypatch):

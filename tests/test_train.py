@@ -50,14 +50,17 @@ def _cfg(compose, tmp_path, model_dir, corpus, *overrides, out="run"):
     )
 
 
-def _ranking(tmp_path, order, num_layers=None) -> Path:
+def _ranking(tmp_path, order) -> Path:
+    """A ranking.json (SPEC §2.4) whose scores give ``order``."""
     path = tmp_path / "ranking.json"
-    path.write_text(json.dumps({"num_layers": num_layers or len(order), "order": order, "layers": []}))
+    scores = {layer: 1.0 - i / len(order) for i, layer in enumerate(order)}
+    layers = [{"layer": layer, "score": scores[layer]} for layer in range(len(order))]
+    path.write_text(json.dumps({"num_layers": len(order), "order": order, "layers": layers}))
     return path
 
 
 def test_ranked_freeze_keeps_frozen_layers_bit_identical(compose, tmp_path, tiny_llama_dir, corpus):
-    from spear.train import run
+    from spear.cpt.stage import run_train as run
 
     ranking = _ranking(tmp_path, [3, 1, 0, 2])
     cfg = _cfg(compose, tmp_path, tiny_llama_dir, corpus, "freeze=ranked", "freeze.k=2",
@@ -98,13 +101,15 @@ def test_ranked_freeze_keeps_frozen_layers_bit_identical(compose, tmp_path, tiny
 
 
 def test_optimizer_gets_trainable_parameters_only(tiny_llama_dir):
+    from spear.config.schema import FreezeConfig, OptimConfig
     from spear.cpt.freeze import apply_freeze, plan_for_model
     from spear.cpt.module import CPTModule
     from spear.models import layer_map_for, load_model
 
     model, _ = load_model(str(tiny_llama_dir))
-    apply_freeze(model, plan_for_model({"mode": "first", "k": 3, "embeddings": True}, model, layer_map_for(model.config)))
-    opt = CPTModule(model, total_steps=10).configure_optimizers()["optimizer"]
+    freeze = FreezeConfig(mode="first", k=3, embeddings=True)
+    apply_freeze(model, plan_for_model(freeze, model, layer_map_for(model.config)))
+    opt = CPTModule(model, optim=OptimConfig(), total_steps=10).configure_optimizers()["optimizer"]
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     assert in_opt == {id(p) for p in model.parameters() if p.requires_grad}
     decay = {id(p) for p in opt.param_groups[0]["params"]}
@@ -112,7 +117,7 @@ def test_optimizer_gets_trainable_parameters_only(tiny_llama_dir):
 
 
 def test_resume_matches_uninterrupted_run(compose, tmp_path, tiny_llama_dir, corpus):
-    from spear.train import run
+    from spear.cpt.stage import run_train as run
 
     common = ["trainer.max_steps=6", "checkpoint.every_n_steps=2", "checkpoint.keep=-1",
               "freeze=last", "freeze.k=1", "data.val_fraction=0.2"]
@@ -136,7 +141,7 @@ def test_resume_matches_uninterrupted_run(compose, tmp_path, tiny_llama_dir, cor
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        (["freeze=ranked", "freeze.k=2", "freeze.ranking=RANK30"], "ranks 30 layers but the model has 4"),
+        (["freeze=ranked", "freeze.k=2", "freeze.ranking=RANK30"], "has 30 layers but the model has 4; set freeze.ranking"),
         (["freeze=last", "freeze.k=9"], "freeze.k=9 is out of range"),
         (["freeze=last", "freeze.k=1", "freeze.modules=[self_attn.x_proj]"], "unknown"),
         (["data.paths=[EMPTY]"], "holds no text"),
@@ -147,7 +152,7 @@ def test_resume_matches_uninterrupted_run(compose, tmp_path, tiny_llama_dir, cor
 )
 def test_bad_input_fails_before_writing(compose, tmp_path, tiny_llama_dir, corpus, overrides, match):
     from spear.cpt.strategies import deepspeed_available
-    from spear.train import run
+    from spear.cpt.stage import run_train as run
 
     if "deepspeed" in overrides[0] and deepspeed_available():
         pytest.skip("deepspeed is installed here")
@@ -178,7 +183,7 @@ def test_cli_bad_input_exits_nonzero_with_one_line(tmp_path, tiny_llama_dir):
 
 
 def test_existing_model_needs_overwrite(compose, tmp_path, tiny_llama_dir, corpus):
-    from spear.train import run
+    from spear.cpt.stage import run_train as run
 
     (tmp_path / "run" / "model").mkdir(parents=True)
     with pytest.raises(SpearError, match="overwrite=true"):
@@ -191,7 +196,7 @@ def test_experiments_compose(compose):
     last8 = compose("train", ["+experiment=freeze_last8"])
     assert last8.freeze.mode == "last" and last8.freeze.k == 8
     default = compose("train")
-    assert default.trainer.accelerator == "cpu" and default.freeze.mode == "none"
+    assert default.trainer["accelerator"] == "cpu" and default.freeze.mode == "none"
     assert default.data.paths == ["asset:finance_train"] and default.model.ref == "smollm2_135m"
 
 
@@ -206,7 +211,7 @@ def test_every_trainer_config_composes_and_instantiates(compose, name):
 
     assert set(TRAINER_CONFIGS) >= {"cpu", "gpu", "ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp"}
     cfg = compose("train", [f"trainer={name}", "trainer.max_steps=2"])
-    assert cfg.trainer.max_steps == 2 and cfg.trainer._target_ == "pytorch_lightning.Trainer"
+    assert cfg.trainer["max_steps"] == 2 and cfg.trainer["_target_"] == "pytorch_lightning.Trainer"
     quiet = {"logger": False, "enable_progress_bar": False}
     if name.startswith("deepspeed") and not deepspeed_available():
         with pytest.raises(SpearError, match=r"pip install 'spear-mm\[deepspeed\]'") as err:
@@ -218,7 +223,7 @@ def test_every_trainer_config_composes_and_instantiates(compose, name):
         from pytorch_lightning.strategies import FSDPStrategy
 
         assert isinstance(kwargs["strategy"], FSDPStrategy)
-    if cfg.trainer.accelerator == "cpu" or torch.cuda.is_available():
+    if cfg.trainer["accelerator"] == "cpu" or torch.cuda.is_available():
         assert isinstance(build_trainer(cfg.trainer, **quiet), pl.Trainer)
         return
     with pytest.raises(SpearError, match="needs a CUDA GPU"):
@@ -236,7 +241,7 @@ def test_hydra_instantiate_cpu_trainer(compose):
 
 
 def test_wandb_offline_logger(compose, tmp_path, tiny_llama_dir, corpus):
-    from spear.train import run
+    from spear.cpt.stage import run_train as run
 
     cfg = _cfg(compose, tmp_path, tiny_llama_dir, corpus, "logger=wandb", "trainer.max_steps=1",
                "checkpoint.enabled=false")
@@ -249,7 +254,7 @@ def test_wandb_offline_logger(compose, tmp_path, tiny_llama_dir, corpus):
 def test_short_real_run_on_smollm2(compose, tmp_path):
     from spear.embedded import asset_path
     from spear.models import resolve_model_dir
-    from spear.train import run
+    from spear.cpt.stage import run_train as run
 
     try:
         resolve_model_dir("smollm2_135m")
@@ -271,7 +276,7 @@ def test_short_real_run_on_smollm2(compose, tmp_path):
 
 def test_gradient_checkpointing_with_frozen_embeddings(compose, tmp_path, tiny_llama_dir, corpus):
     """Non-reentrant checkpointing still trains layers above frozen embeddings and layers."""
-    from spear.train import run
+    from spear.cpt.stage import run_train as run
 
     cfg = _cfg(compose, tmp_path, tiny_llama_dir, corpus, "gradient_checkpointing=true", "freeze=first",
                "freeze.k=1", "freeze.embeddings=true", "trainer.max_steps=2", "checkpoint.enabled=false")

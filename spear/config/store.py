@@ -120,4 +120,16 @@ def resolved_yaml(cfg) -> str:
     """The validated run config as YAML (what ``config.yaml`` records next to a run's outputs)."""
     import yaml
 
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    data = cfg.model_dump(mode="json")
+    return yaml.safe_dump({"task_name": data.pop("task_name"), **data}, sort_keys=False)
+
+
+def validate_node(schema: Any, data: dict[str, Any], key: str):
+    """One group's config (``key``: its name on the command line) checked as a whole run's would be."""
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        return TypeAdapter(schema).validate_python(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise SpearError(describe({**first, "loc": (key, *first["loc"])}, {key: data}, key)) from None

@@ -55,21 +55,11 @@ def next_token_loss(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Te
 class CPTModule(pl.LightningModule):
     """Continual pretraining of ``model`` (an HF causal LM whose frozen params are already set)."""
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        *,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        betas: Sequence[float] = (0.9, 0.95),
-        eps: float = 1e-8,
-        warmup_steps: int = 0,
-        total_steps: int = 1,
-        min_lr_ratio: float = 0.1,
-        gradient_checkpointing: bool = False,
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, *, optim, total_steps: int, gradient_checkpointing: bool = False) -> None:
+        """``optim``: the validated ``optim`` config; ``total_steps``: the LR schedule's length."""
         super().__init__()
-        self.save_hyperparameters(ignore=["model"])
+        self.save_hyperparameters({**optim.model_dump(mode="json"), "total_steps": int(total_steps),
+                                   "gradient_checkpointing": bool(gradient_checkpointing)})
         self.model = model
         self.model.train()
         if hasattr(self.model, "config"):

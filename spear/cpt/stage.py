@@ -134,12 +134,7 @@ def run_train(cfg) -> dict[str, Any]:
     log.info("data: %d tokens, %d train / %d val blocks of %d; %d steps of %d tokens",
              data_info["num_tokens"], data_info["train_blocks"], data_info["val_blocks"],
              data_info["block_size"], steps, datamodule.tokens_per_batch)
-    optim = cfg.optim
-    module = CPTModule(
-        model, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas, eps=optim.eps,
-        warmup_steps=optim.warmup_steps, total_steps=steps, min_lr_ratio=optim.min_lr_ratio,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-    )
+    module = CPTModule(model, optim=cfg.optim, total_steps=steps, gradient_checkpointing=cfg.gradient_checkpointing)
 
     # everything validated: from here on the run dir gets outputs
     ckpt_dir = out_dir / CHECKPOINT_DIR
@@ -195,7 +190,7 @@ def run_train(cfg) -> dict[str, Any]:
         "freeze": plan.to_dict(),
         "frozen_parameter_names": list(plan.frozen_params),
         "data": data_info,
-        "optim": {**optim.model_dump(mode="json"), "total_steps": steps},
+        "optim": {**cfg.optim.model_dump(mode="json"), "total_steps": steps},
         "trainer": {"strategy": type(trainer.strategy).__name__, "precision": str(trainer.precision),
                     "world_size": world, "accelerator": type(trainer.accelerator).__name__},
         "final_metrics": {k: (v if math.isfinite(v) else None) for k, v in metrics.items()},

@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import TypeAdapter
-
 from spear.analysis.ranking import Ranking
 from spear.config.schema import GROUP_OPTIONS, PolicyConfig, UniformPolicy
+from spear.config.store import validate_node
 from spear.errors import SpearError
 from spear.merging.plan import TMap
 from spear.merging.policies import build_tmap
@@ -39,9 +38,9 @@ def policy_from_spec(spec: str | dict[str, Any]):
     if name not in options:
         raise SpearError(f"pipeline.extra_policies entry {spec!r} needs `policy: <one of {', '.join(options)}>`")
     try:
-        return TypeAdapter(PolicyConfig).validate_python({**options[name].model_dump(), **entry})
-    except ValueError as err:
-        raise SpearError(f"pipeline.extra_policies entry {spec!r} is invalid: {str(err).splitlines()[-2].strip()}") from None
+        return validate_node(PolicyConfig, {**options[name].model_dump(), **entry}, "policy")
+    except SpearError as err:
+        raise SpearError(f"pipeline.extra_policies entry {spec!r}: {err}") from None
 
 
 def policy_label(policy) -> str:
