@@ -77,7 +77,7 @@ class PipelineRun:
         self.train_seconds: list[float] = []
         self.policy_seconds: list[float] = []
         self.artifacts: dict[str, dict[str, str]] = {}  # seed -> paths of its stage outputs
-        devices = cfg.trainer.get("devices")
+        devices = cfg.trainer["devices"]
         self.ndev = devices if isinstance(devices, int) and devices > 0 else 1
 
     def account(self, stage: str, seconds: float, reused: bool) -> None:

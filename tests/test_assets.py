@@ -354,13 +354,13 @@ def test_prepare_rejects_unknown_names(tmp_path):
 
 
 def test_assets_config_and_run(compose, tmp_path, monkeypatch, fake_jobs):
-    from spear import assets
+    from spear.embedded.stage import run_assets
 
     monkeypatch.setenv("SPEAR_HOME", str(tmp_path / "home"))
     cfg = compose("assets", ["local.gensim_wheel=/some/wheel.whl"])
     assert cfg.task_name == "assets" and cfg.force is False and cfg.only is None
     assert set(cfg.local) == set(prep.LOCAL_KEYS)
-    result = assets.run(cfg)
+    result = run_assets(cfg)
     assert result["assets"] == {"general_text": "prepared"} and fake_jobs == ["/some/wheel.whl"]
     assert asset_path("general_text").read_text() == "run 1\n"
 

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from spear.config.schema import DataConfig
 from spear.data import packing as packing_mod
 from spear.data import resolve_corpus, tokenize_and_pack
 from spear.data.datamodule import ResumableBatchSampler, SpearDataModule, split_blocks
@@ -146,7 +147,7 @@ def test_sampler_shards_ranks_disjointly():
 
 def test_datamodule_batches(tmp_path, tok):
     corpus = _write(tmp_path / "c.txt", "x" * 400)
-    cfg = {"paths": [str(corpus)], "block_size": 16, "batch_size": 4, "val_fraction": 0.1, "cache": False}
+    cfg = DataConfig(paths=[str(corpus)], block_size=16, batch_size=4, val_fraction=0.1, cache=False)
     dm = SpearDataModule(cfg, tok, seed=0)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
@@ -155,4 +156,4 @@ def test_datamodule_batches(tmp_path, tok):
     assert info["train_blocks"] + info["val_blocks"] == 401 // 16
     assert len(dm.train_dataloader()) == info["train_blocks"] // 4
     with pytest.raises(SpearError, match="batch_size"):
-        SpearDataModule({**cfg, "batch_size": 1000}, tok).setup("fit")
+        SpearDataModule(cfg.replace(batch_size=1000), tok, seed=0).setup("fit")

@@ -33,18 +33,17 @@ def tiny_results():
     reason = _asset_missing("eval_data")
     if reason:
         pytest.skip(reason)
-    from omegaconf import OmegaConf
-
+    from spear.config.schema import CorpusConfig, EvalConfig, ProxyConfig
     from spear.evaluation.harness import evaluate_model, local_task_names
     from spear.models.tiny import build_tiny
 
     model, tokenizer = build_tiny("tiny_llama")
     tasks = local_task_names()
-    eval_cfg = OmegaConf.create(
-        {"name": "test", "tasks": tasks, "limit": 1, "limits": {"spear_hellaswag": 2}, "bootstrap_iters": 0,
-         "batch_size": 8, "max_length": 256, "gen_kwargs": {"max_gen_toks": 8}, "perplexity": {"corpora": {}}}
-    )
-    return tasks, evaluate_model(model, tokenizer, eval_cfg, "tiny_llama")
+    eval_cfg = EvalConfig(name="test", tasks=tasks, limit=1, limits={"spear_hellaswag": 2}, batch_size=8, max_length=256,
+                          gen_kwargs={"max_gen_toks": 8})
+    proxy = ProxyConfig(general=CorpusConfig(max_tokens=64), domain=CorpusConfig(name="domain", source="finance_heldout",
+                                                                                 max_tokens=64))
+    return tasks, evaluate_model(model, tokenizer, eval_cfg, proxy, "tiny_llama", progress=False)
 
 
 def test_every_local_task_runs_offline_with_its_declared_metrics(tiny_results):
@@ -64,7 +63,7 @@ def test_every_local_task_runs_offline_with_its_declared_metrics(tiny_results):
     assert results["n_samples"]["spear_mmlu_finance"] == 7  # the limit applies per subject
     assert results["higher_is_better"]["spear_gsm8k_bpb"]["bits_per_byte"] is False
     assert "spear_mmlu_finance_econometrics" in results["subtasks"]
-    assert results["perplexity"] == {}
+    assert set(results["perplexity"]) == {"general", "domain"} and results["tokens"] == {"general": 63, "domain": 63}
 
 
 def test_gsm8k_data_has_answers():

@@ -16,11 +16,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from spear.analysis.ranking import Unit
+from spear.config.schema import SlerpMerge
 from spear.errors import SpearError
 from spear.io.reader import Checkpoint
 from spear.io.writer import ShardedSafetensorsWriter, TensorSpec, parse_size, plan_shards
-from spear.analysis.ranking import Unit
-from spear.config.schema import SlerpMerge
 from spear.merging.plan import MergePlan, TMap
 from spear.merging.streaming import layer_map_of_dir_config, merge_checkpoints
 
@@ -441,7 +441,6 @@ def test_run_without_ranking_ranks_with_the_analysis_code(pair, compose):
 
 
 def test_target_retention_searches_in_memory_then_writes(pair, tmp_path, compose):
-    from transformers import AutoModelForCausalLM
 
     from spear.analysis.ranking import Ranking
     from spear.evaluation.proxy import ProxyEvaluator

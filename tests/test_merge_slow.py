@@ -30,9 +30,10 @@ def test_smollm2_merge_loads_matches_in_memory_and_restores(smol_pair, tmp_path,
     from test_merge import write_ranking_n
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from spear.merging.stage import run_merge as run
+    from spear.config.schema import SlerpMerge
     from spear.merging.inmemory import InMemoryMerger
-    from spear.merging.policies import TMap
+    from spear.merging.plan import TMap
+    from spear.merging.stage import run_merge as run
 
     base, adapted = smol_pair
     ranking = write_ranking_n(tmp_path / "ranking.json", 30)
@@ -50,8 +51,8 @@ def test_smollm2_merge_loads_matches_in_memory_and_restores(smol_pair, tmp_path,
     assert merged.lm_head.weight.data_ptr() == merged.model.embed_tokens.weight.data_ptr()
 
     model = AutoModelForCausalLM.from_pretrained(adapted).eval()
-    merger = InMemoryMerger(model, base)
-    tmap = TMap({int(k): v for k, v in report["layer_t"].items()}, None, report["non_layer_t"])
+    merger = InMemoryMerger(model, base, SlerpMerge())
+    tmap = TMap.of_layers({int(k): v for k, v in report["layer_t"].items()}, report["non_layer_t"])
     merger.apply(tmap)
     streamed = dict(merged.named_parameters())
     for name, param in model.named_parameters():

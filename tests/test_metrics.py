@@ -7,6 +7,7 @@ import torch
 
 from spear.analysis import metrics, scoring
 from spear.analysis.metrics import METRICS, MatrixRow, MatrixTable, SpectraPair
+from spear.config.schema import MetricsConfig
 from spear.errors import SpearError
 
 
@@ -35,7 +36,7 @@ def _table(values_by_layer: list[dict[str, float]], modules=("self_attn.q_proj",
             base = {c: 0.0 for c in metrics.columns() if METRICS[metrics.metric_of_column(c)].kind != "table"}
             base.update(vals)
             rows.append(MatrixRow(f"model.layers.{layer}.{m}.weight", layer, m, group, (4, 4), dict(base)))
-    table = MatrixTable(rows, len(values_by_layer), metrics.columns(), {"seed": 3, "position_mode": "edges"})
+    table = MatrixTable(rows, len(values_by_layer), metrics.columns(), {"seed": 3, **MetricsConfig().model_dump()})
     metrics.add_table_metrics(table)
     return table
 
@@ -65,7 +66,7 @@ def test_random_is_seeded_and_position_marks_edges():
 def test_pair_metrics_from_spectra():
     s = torch.tensor([[4.0, 2.0, 1.0, 0.5]])
     pair = SpectraPair(s, s * 0.5, 1.0, torch.tensor([2.0], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64))
-    out = metrics.pair_metrics(pair, {})
+    out = metrics.pair_metrics(pair, {"seed": 0, **MetricsConfig().model_dump()})
     assert out["rel_change"] == [0.5]
     assert out["sv_shift"] == pytest.approx([0.5])
     assert out["svdr_whole"] == pytest.approx([0.5])

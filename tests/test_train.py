@@ -151,8 +151,8 @@ def test_resume_matches_uninterrupted_run(compose, tmp_path, tiny_llama_dir, cor
     ],
 )
 def test_bad_input_fails_before_writing(compose, tmp_path, tiny_llama_dir, corpus, overrides, match):
-    from spear.cpt.strategies import deepspeed_available
     from spear.cpt.stage import run_train as run
+    from spear.cpt.strategies import deepspeed_available
 
     if "deepspeed" in overrides[0] and deepspeed_available():
         pytest.skip("deepspeed is installed here")
@@ -252,9 +252,9 @@ def test_wandb_offline_logger(compose, tmp_path, tiny_llama_dir, corpus):
 
 @pytest.mark.slow
 def test_short_real_run_on_smollm2(compose, tmp_path):
+    from spear.cpt.stage import run_train as run
     from spear.embedded import asset_path
     from spear.models import resolve_model_dir
-    from spear.cpt.stage import run_train as run
 
     try:
         resolve_model_dir("smollm2_135m")

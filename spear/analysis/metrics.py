@@ -104,7 +104,7 @@ def _sv_shift(pair: SpectraPair, params):
 def _svdr(pair: SpectraPair, params):
     from spear.analysis import spectra
 
-    mask = spectra.signal_mask(pair.s_base, pair.beta, params.get("svdr_threshold", "gd"))
+    mask = spectra.signal_mask(pair.s_base, pair.beta, params["svdr_threshold"])
     return spectra.sv_drop_ratio(pair.s_base, pair.s_adapted, mask)
 
 
@@ -124,7 +124,7 @@ SWCI_IMPORTANCE = ("snr_gd", "snr", "snr_gd_percentile", "snr_percentile")
 
 
 def _swci(table: MatrixTable, params) -> list[float]:
-    importance = params.get("swci_importance", "snr_gd")
+    importance = params["swci_importance"]
     if importance not in SWCI_IMPORTANCE:
         raise SpearError(f"metrics.swci_importance={importance!r} is unknown; use one of {', '.join(SWCI_IMPORTANCE)}")
     source = "snr_gd_base" if importance.startswith("snr_gd") else "snr_base"
@@ -137,7 +137,7 @@ def _swci(table: MatrixTable, params) -> list[float]:
 def _random(table: MatrixTable, params) -> list[float]:
     import torch
 
-    gen = torch.Generator().manual_seed(int(params.get("seed", 0)))
+    gen = torch.Generator().manual_seed(int(params["seed"]))
     return [float(v) for v in torch.rand(len(table.rows), generator=gen, dtype=torch.float64)]
 
 
@@ -145,7 +145,7 @@ POSITION_MODES = ("edges", "first", "last")
 
 
 def _position(table: MatrixTable, params) -> list[float]:
-    mode = params.get("position_mode", "edges")
+    mode = params["position_mode"]
     if mode not in POSITION_MODES:
         raise SpearError(f"metrics.position_mode={mode!r} is unknown; use one of {', '.join(POSITION_MODES)}")
     last = max(1, table.num_layers - 1)
@@ -310,10 +310,10 @@ def compute_table(
     reader,
     layer_map,
     *,
-    params: dict[str, Any] | None = None,
-    method: str = "auto",
-    device: str = "auto",
-    batch_bytes: int = 16 << 20,
+    params: dict[str, Any],
+    method: str,
+    device: str,
+    batch_bytes: int,
     progress: bool = True,
     workers: int | None = None,
 ) -> MatrixTable:
@@ -323,7 +323,8 @@ def compute_table(
     computed once per matrix (on ``device``; on CPU by ``workers`` single-threaded workers, see
     :func:`spear.analysis.spectra.singular_values`), and the table metrics are added at the end.
     """
-    params = dict(params or {})
+    """``params``: the ``metrics`` config and ``seed`` (what the metric values depend on)."""
+    params = dict(params)
     device = resolve_device(device)
     method = resolve_method(method, device)
     refs = {n: layer_map.matrix_of(n) for n in reader.names}
@@ -377,8 +378,8 @@ def compute_table(
 
 
 def compute_single(
-    checkpoint, layer_map, *, metric: str = "snr", method: str = "auto", device: str = "auto",
-    batch_bytes: int = 16 << 20, names: Iterable[str] | None = None, workers: int | None = None,
+    checkpoint, layer_map, *, metric: str, method: str, device: str, batch_bytes: int,
+    names: Iterable[str] | None = None, workers: int | None = None,
 ) -> list[MatrixRow]:
     """A ``single`` metric of one checkpoint's decoder-layer matrices, streaming (one model)."""
     from spear.analysis import spectra

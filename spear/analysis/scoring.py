@@ -191,19 +191,21 @@ def layer_map_of(config: dict[str, Any]):
     return layer_map_for(_namespace(config))
 
 
-def spectrum_snr_ranking(
-    model_dir: Path, *, method: str = "auto", device: str = "auto", batch_bytes: int = 16 << 20
-) -> list[int]:
+def spectrum_snr_ranking(model_dir: Path, device: str = "auto") -> list[int]:
     """Layers of one model by Spectrum SNR, highest first (for the train stage's freeze masks).
 
     Each matrix's Spectrum ``snr`` becomes its percentile within its module type, averaged per
-    layer; ties go to the lower layer index. Streams the checkpoint (one model, batched spectra).
+    layer; ties go to the lower layer index. Streams the checkpoint (one model, batched spectra
+    with the ``spectra`` group's defaults).
     """
     from spear.analysis.metrics import compute_single
+    from spear.config.schema import SpectraConfig
     from spear.io.reader import Checkpoint
 
+    spectra = SpectraConfig()
     ckpt = Checkpoint(Path(model_dir))
     layer_map = layer_map_of(ckpt.config)
-    rows = compute_single(ckpt, layer_map, metric="snr", method=method, device=device, batch_bytes=batch_bytes)
+    rows = compute_single(ckpt, layer_map, metric="snr", method=spectra.method, device=device,
+                          batch_bytes=int(spectra.batch_mb * (1 << 20)))
     pct = within_type_percentiles(rows, [r.values["snr_base"] for r in rows])
     return order_layers(layer_scores(rows, pct, layer_map.num_layers))

@@ -34,13 +34,13 @@ CHECKPOINT_DIR = "checkpoints"
 
 def total_steps(trainer_cfg: dict[str, Any], batches_per_epoch: int) -> int:
     """Optimizer steps of the run: ``max_steps`` when set, else epochs x steps per epoch."""
-    max_steps = trainer_cfg.get("max_steps") or -1
-    if int(max_steps) > 0:
+    max_steps = trainer_cfg["max_steps"]
+    if max_steps is not None and int(max_steps) > 0:
         return int(max_steps)
-    epochs = trainer_cfg.get("max_epochs")
+    epochs = trainer_cfg["max_epochs"]
     if epochs is None or int(epochs) <= 0:
         raise SpearError("set trainer.max_steps (or a positive trainer.max_epochs): the LR schedule needs a finite run")
-    accumulate = int(trainer_cfg.get("accumulate_grad_batches") or 1)
+    accumulate = int(trainer_cfg["accumulate_grad_batches"])
     return int(epochs) * math.ceil(batches_per_epoch / accumulate)
 
 
