@@ -43,13 +43,8 @@ SMOLLM2_CONFIG = dict(
 )
 
 CHILD_ANALYSIS = r"""
-import json, os, resource, sys, time
-def hwm_kb():
-    # VmHWM: this process's own peak RSS (ru_maxrss would inherit the parent's peak across fork+exec)
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+import json, os, sys, time
+from spear.runtime import peak_rss_bytes  # VmHWM: this process's own peak (light: no torch)
 t0 = time.perf_counter()
 sys.path.insert(0, {root!r})
 from spear.config import compose
@@ -57,18 +52,13 @@ from spear.analysis.stage import run_analyze
 cfg = compose("analyze", ["base=" + {base!r}, "adapted=" + {adapted!r}, "logger=none", "progress=false",
                           "paths.output_dir=" + {out!r}])
 result = run_analyze(cfg)
-print("RESULT " + json.dumps({{"seconds": time.perf_counter() - t0, "maxrss_kb": hwm_kb(),
+print("RESULT " + json.dumps({{"seconds": time.perf_counter() - t0, "maxrss_kb": peak_rss_bytes() // 1024,
                               "order": result["order"]}}))
 """
 
 CHILD_SCAN = r"""
-import json, resource, time, os
-def hwm_kb():
-    # VmHWM: this process's own peak RSS (ru_maxrss would inherit the parent's peak across fork+exec)
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+import json, time, os
+from spear.runtime import peak_rss_bytes  # VmHWM: this process's own peak (light: no torch)
 t0 = time.perf_counter()
 import torch
 if {threads}:
@@ -85,18 +75,13 @@ for name, p in model.named_parameters():
         eps = sigma * (1 + beta ** 0.5)
         noise = s[s <= eps].sum()
         snr[name] = float((s[s > eps].sum() / (noise if noise > 0 else 1.0)) / s[0])
-print("RESULT " + json.dumps({{"seconds": time.perf_counter() - t0, "maxrss_kb": hwm_kb(),
+print("RESULT " + json.dumps({{"seconds": time.perf_counter() - t0, "maxrss_kb": peak_rss_bytes() // 1024,
                               "matrices": len(snr)}}))
 """
 
 CHILD_HOLD_BOTH = r"""
-import json, resource, time
-def hwm_kb():
-    # VmHWM: this process's own peak RSS (ru_maxrss would inherit the parent's peak across fork+exec)
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+import json, time
+from spear.runtime import peak_rss_bytes  # VmHWM: this process's own peak (light: no torch)
 t0 = time.perf_counter()
 import torch
 from transformers import AutoModelForCausalLM
@@ -109,7 +94,7 @@ with torch.no_grad():
     for p in list(a.parameters()) + list(b.parameters()):
         float(p.sum())
         n += p.numel()
-print("RESULT " + json.dumps({{"seconds": time.perf_counter() - t0, "maxrss_kb": hwm_kb(),
+print("RESULT " + json.dumps({{"seconds": time.perf_counter() - t0, "maxrss_kb": peak_rss_bytes() // 1024,
                               "params": n}}))
 """
 

@@ -128,17 +128,21 @@ class AssetsOptions(RunName, Progress):
 # ---------------------------------------------------------------------------------------- runs
 
 
-class TrainRun(TrainOptions, Logged):
+class TrainGroups(Node):
+    """The groups of the CPT (train and pipeline)."""
+
     model: ModelConfig
     data: DataConfig
     trainer: Target
     freeze: FreezeConfig
     optim: OptimConfig
     checkpoint: CheckpointConfig
-    callbacks: dict[str, Target] = knob({}, "Lightning callbacks (_target_ nodes)")
+    callbacks: dict[str, Target] = knob({}, "Lightning callbacks of the CPT (_target_ nodes)")
 
 
-class AnalyzeRun(AnalyzeOptions, Logged):
+class RankingGroups(Node):
+    """The groups of the layer ranking and of the in-memory proxy measurements (analyze, merge, pipeline)."""
+
     model: ModelConfig
     impact: ImpactConfig
     spectra: SpectraConfig
@@ -147,14 +151,16 @@ class AnalyzeRun(AnalyzeOptions, Logged):
     merge: MergeConfig
 
 
-class MergeRun(MergeOptions, Logged):
-    model: ModelConfig
+class TrainRun(TrainOptions, TrainGroups, Logged):
+    pass
+
+
+class AnalyzeRun(AnalyzeOptions, RankingGroups, Logged):
+    pass
+
+
+class MergeRun(MergeOptions, RankingGroups, Logged):
     policy: PolicyConfig
-    merge: MergeConfig
-    impact: ImpactConfig
-    spectra: SpectraConfig
-    metrics: MetricsConfig
-    proxy: ProxyConfig
 
 
 class EvaluateRun(EvaluateOptions, Logged):
@@ -167,20 +173,8 @@ class AssetsRun(AssetsOptions, Logged):
     pass
 
 
-class PipelineRun(PipelineOptions, Logged):
-    model: ModelConfig
-    data: DataConfig
-    trainer: Target
-    freeze: FreezeConfig
-    optim: OptimConfig
-    checkpoint: CheckpointConfig
-    callbacks: dict[str, Target] = knob({}, "Lightning callbacks of the CPT (_target_ nodes)")
-    impact: ImpactConfig
-    spectra: SpectraConfig
-    metrics: MetricsConfig
-    proxy: ProxyConfig
+class PipelineRun(PipelineOptions, TrainGroups, RankingGroups, Logged):
     policy: PolicyConfig
-    merge: MergeConfig
     eval: EvalConfig
 
     def stage(self, run: type[Node], output_dir: str, **values: Any) -> Any:
