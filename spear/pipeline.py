@@ -54,7 +54,7 @@ class LazyMerger:
         return self.model, self.tokenizer, seconds
 
 
-class PipelineRun:
+class PipelineState:
     """State of one pipeline run: the config, cache, base model, policies and cost ledger."""
 
     def __init__(self, cfg) -> None:
@@ -77,6 +77,7 @@ class PipelineRun:
         self.train_seconds: list[float] = []
         self.policy_seconds: list[float] = []
         self.artifacts: dict[str, dict[str, str]] = {}  # seed -> paths of its stage outputs
+        self.frontier: dict[str, list[dict[str, float]]] = {}  # seed -> the uniform sweep's points
         devices = cfg.trainer["devices"]
         self.ndev = devices if isinstance(devices, int) and devices > 0 else 1
 
@@ -163,8 +164,11 @@ class PipelineRun:
     def run_seed(self, seed: int, base_results: dict[str, Any]) -> list[dict[str, Any]]:
         """Every model entry of one CPT seed: adapted, each policy and its controls."""
         from spear.analysis.ranking import Ranking
+        from spear.config.schema import UniformPolicy
         from spear.evaluation.retention import retention_from_suite
         from spear.merging.controls import models_to_merge
+        from spear.merging.plan import TMap
+        from spear.tracking.frontier import add_frontier_advantage, sweep_points
         from spear.tracking.summary import model_entry
 
         cfg = self.cfg
@@ -185,6 +189,14 @@ class PipelineRun:
         if cfg.pipeline.freeze_compare.enabled:
             entries.append(self.frozen_cpt_entry(seed, analysis["ranking"], entry))
         merge_key = cfg.merge.model_dump(mode="json")
+        results_by_t = {0.0: adapted_results, 1.0: base_results}  # t=0 is the adapted model, t=1 the base, bit for bit
+        for t in sorted(set(cfg.pipeline.frontier.ts) - {0.0, 1.0}):
+            tmap, name = TMap.everywhere(n, t), f"uniform_t{t:g}"
+            record = self.evaluate([adapted["key"], self.base_fp, merge_key, tmap.to_json()], name,
+                                   lambda tmap=tmap: session.produce(tmap), f"merge+evaluate {name} seed {seed}", with_prep=True)
+            results_by_t[t] = record["results"]
+            entries.append(entry(name, "frontier", record["results"], mean_t=t, tmap=tmap.to_json(),
+                                 policy=UniformPolicy(t=t, non_layer_t=t).model_dump()))
         for item in models_to_merge(ranking, self.policies, n, controls=cfg.pipeline.controls,
                                     random_seed=cfg.pipeline.random_seed):
             record = self.evaluate([adapted["key"], self.base_fp, merge_key, item.tmap.to_json()], item.name,
@@ -195,6 +207,10 @@ class PipelineRun:
             extra = {"control_of": item.control_of} if item.control_of else {}
             entries.append(entry(item.name, item.kind, record["results"], mean_t=item.tmap.mean_t(n),
                                  tmap=item.tmap.to_json(), policy=item.policy.model_dump(), **extra))
+        if cfg.pipeline.frontier.ts:
+            sweep = {t: results_by_t[t] for t in cfg.pipeline.frontier.ts}
+            self.frontier[str(seed)] = sweep_points(sweep, cfg.proxy.general.name, cfg.proxy.domain.name)
+            add_frontier_advantage(entries, self.frontier[str(seed)], cfg.proxy.general.name, cfg.proxy.domain.name)
         return entries
 
     def frozen_cpt_entry(self, seed: int, ranking_path: str, entry) -> dict[str, Any]:
@@ -226,7 +242,7 @@ def run_pipeline(cfg) -> dict[str, Any]:
 
     started = time.perf_counter()
     out_dir = Path(cfg.paths.output_dir)
-    state = PipelineRun(cfg)
+    state = PipelineState(cfg)
     base_results = state.evaluate([state.base_fp], "base", lambda: state.load(str(state.base_dir)), "evaluate base")["results"]
     per_seed = [state.run_seed(seed, base_results) for seed in cfg.pipeline.seeds]
     entries = aggregate_seeds(per_seed)
@@ -238,6 +254,8 @@ def run_pipeline(cfg) -> dict[str, Any]:
         "cost": state.cost_summary(time.perf_counter() - started),
         "cache": state.cache.events,
         "artifacts": state.artifacts,
+        "frontier": {"ts": list(cfg.pipeline.frontier.ts), "general": cfg.proxy.general.name,
+                     "domain": cfg.proxy.domain.name, "per_seed": state.frontier},
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     print(write_summary(out_dir, summary))  # plain Markdown: wide tables stay readable in logs

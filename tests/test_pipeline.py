@@ -52,7 +52,8 @@ def test_pipeline_writes_every_output(tiny_runs):
         assert (dirs[0] / name).stat().st_size > 0, name
     summary = json.loads((dirs[0] / "summary.json").read_text())
     names = [m["name"] for m in summary["models"]]
-    assert names == ["base", "adapted", "balanced", "uniform@balanced", "balanced@random"]
+    assert names == ["base", "adapted", "uniform_t0.25", "uniform_t0.5", "uniform_t0.75",
+                     "balanced", "uniform@balanced", "balanced@random"]
     by = {m["name"]: m for m in summary["models"]}
     assert by["base"]["general_retention"] == pytest.approx(1.0)
     assert by["base"]["domain_gain_preservation"] == pytest.approx(0.0)
@@ -66,6 +67,16 @@ def test_pipeline_writes_every_output(tiny_runs):
     # not true by definition: CPT moved the model, and the controls differ from the policy
     assert by["adapted"]["metrics"]["nll/general"] != pytest.approx(by["base"]["metrics"]["nll/general"], abs=1e-4)
     assert by["balanced@random"]["tmap"] != by["balanced"]["tmap"]
+    # the uniform frontier: t=0 is the adapted model and t=1 the base; no sweep point beats its own front
+    sweep = summary["frontier"]["per_seed"]["1234"]
+    assert [p["t"] for p in sweep] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert sweep[0]["general_nll"] == by["adapted"]["metrics"]["nll/general"]
+    assert sweep[-1]["domain_nll"] == by["base"]["metrics"]["nll/finance_heldout"]
+    for name in ("base", "adapted", "uniform_t0.25", "uniform_t0.5", "uniform_t0.75"):
+        adv = by[name]["frontier_advantage"]
+        assert adv["general"]["mean"] <= 1e-12 and adv["domain"]["mean"] <= 1e-12, name
+    assert set(by["balanced"]["frontier_advantage"]) == {"general", "domain"}
+    assert "## Against the uniform frontier" in (dirs[0] / "summary.md").read_text()
 
 
 def test_pipeline_numbers_are_what_the_standalone_stages_give(tiny_runs, compose, tmp_path):

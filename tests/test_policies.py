@@ -71,6 +71,15 @@ def test_top_k_threshold_uniform_layers(ranking):
     assert tmap(None, "layers", layers=[0, 7], t=0.9).layer_t == expected({0: 0.9, 7: 0.9})
 
 
+def test_lines_is_linear_in_depth_without_a_ranking():
+    lines = tmap(None, "lines", t_first=0.9, t_last=0.1)
+    assert lines.layer_t == pytest.approx({layer: 0.9 - 0.8 * layer / 7 for layer in range(8)})
+    assert tmap(None, "lines").layer_t[0] == 1.0 and tmap(None, "lines").layer_t[7] == 0.0  # the defaults
+    grouped = tmap(None, "lines", num_layers=4, granularity="module", t_first=0.6, t_last=0.0)
+    assert grouped.group_t[(1, "attn")] == grouped.group_t[(1, "mlp")] == pytest.approx(0.4)
+    assert tmap(None, "lines", num_layers=1).layer_t == {0: 1.0}
+
+
 def test_non_layer_t_and_mean_t(ranking):
     tm = tmap(ranking, "conservative", non_layer_t=0.1)
     assert tm.non_layer_t == 0.1

@@ -227,6 +227,12 @@ class LayersPolicy(PolicyBase):
     t: Strength = knob(1.0, "t of the listed units")
 
 
+class LinesPolicy(PolicyBase):
+    name: Literal["lines"] = "lines"
+    t_first: Strength = knob(1.0, "t of layer 0 (LiNeS: shallow layers stay closest to the base)")
+    t_last: Strength = knob(0.0, "t of the last layer; t of layer l = t_first + (t_last - t_first) * l/(L-1)")
+
+
 class TargetRetentionPolicy(PolicyBase):
     name: Literal["target_retention"] = "target_retention"
     target: float = knob(0.99, "value of `metric` to reach on the general proxy")
@@ -241,7 +247,7 @@ class TargetRetentionPolicy(PolicyBase):
 
 PolicyConfig = Annotated[
     Union[ConservativePolicy, BalancedPolicy, AggressivePolicy, TopKPolicy, ThresholdPolicy, UniformPolicy,  # noqa: UP007
-          LayersPolicy, TargetRetentionPolicy],
+          LayersPolicy, LinesPolicy, TargetRetentionPolicy],
     Field(discriminator="name"),
 ]
 NEEDS_RANKING = ("conservative", "balanced", "aggressive", "top_k", "threshold", "target_retention")
@@ -386,6 +392,7 @@ GROUP_OPTIONS: dict[str, dict[str, Node]] = {
         "threshold": ThresholdPolicy(),
         "uniform": UniformPolicy(),
         "layers": LayersPolicy(),
+        "lines": LinesPolicy(),
         "target_retention": TargetRetentionPolicy(),
     },
     "merge": {

@@ -26,6 +26,7 @@ from spear.config.schema import (
     PolicyConfig,
     ProxyConfig,
     SpectraConfig,
+    Strength,
     knob,
 )
 
@@ -98,12 +99,18 @@ class FreezeCompare(Node):
     k: int = knob(8, "layers frozen in that CPT", ge=0)
 
 
+class FrontierSettings(Node):
+    ts: list[Strength] = knob([0.0, 0.25, 0.5, 0.75, 1.0], "the uniform whole-model sweep every model is compared with "
+                              "(t=0 is the adapted model, t=1 the base; []: none)")
+
+
 class PipelineSettings(Node):
     seeds: list[int] = knob([1234], "CPT seeds; with several, metrics are means with 95% t-intervals", min_length=1)
     adapted: str | None = knob(None, "skip CPT and use this adapted model (alias or dir)")
     extra_policies: list[str | dict[str, Any]] = knob([], "more policies: policy names, or {policy: name, label: str, <key>: value}")
     controls: bool = knob(True, "per policy: uniform at the same mean t, and the policy on a random ranking")
     freeze_compare: FreezeCompare = knob(FreezeCompare(), "freeze during CPT vs restore after it")
+    frontier: FrontierSettings = knob(FrontierSettings(), "the uniform frontier (SPEC §1.7)")
     random_seed: int = knob(0, "seed of the random-ranking control")
     cache_dir: str = knob("${paths.log_dir}/pipeline_cache", "content-addressed stage artifacts shared by runs and sweeps")
 

@@ -21,6 +21,8 @@ unselected units get ``t = 0``, i.e. keep the adapted weights):
 * ``uniform``: every unit at ``t`` (the LM-Cocktail-style global baseline; no ranking needed).
 * ``layers``: the explicit ``layers`` list (ints = whole layers, ``"3.attn"`` = one group with
   ``granularity=module``) at ``t`` (no ranking needed).
+* ``lines`` (LiNeS, ICLR 2025): ``t`` linear in depth, ``t_first + (t_last - t_first) * l/(L-1)``, so
+  shallow layers stay closest to the base (no ranking needed).
 * ``target_retention``: the ``balanced`` map scaled by the smallest factor whose general proxy
   reaches ``target`` (:func:`search_scale`; the search runs in :mod:`spear.merging.target`).
 """
@@ -102,6 +104,11 @@ def _layers(order: Order, scores: Scores, p) -> dict[Unit, float]:
     return {u: (p.t if u in chosen else 0.0) for u in order}
 
 
+def _lines(order: Order, scores: Scores, p) -> dict[Unit, float]:
+    last = max(u.layer for u in order)
+    return {u: p.t_first + (p.t_last - p.t_first) * (u.layer / last if last else 0.0) for u in order}
+
+
 PolicyFn = Callable[[Order, Scores, Any], dict[Unit, float]]
 POLICIES: dict[str, PolicyFn] = {
     "conservative": _top_fraction,
@@ -111,6 +118,7 @@ POLICIES: dict[str, PolicyFn] = {
     "threshold": _threshold,
     "uniform": _uniform,
     "layers": _layers,
+    "lines": _lines,
     "target_retention": _balanced,  # the full-scale map; spear.merging.target scales it
 }
 

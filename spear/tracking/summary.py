@@ -17,6 +17,8 @@ from typing import Any
 PARETO_AXES = ("general_retention", "domain_gain_preservation")
 # the headline columns, in this order; every other metric is a raw column
 PRIMARY_COLUMNS = ("general_retention", "domain_gain_preservation", "mean_t")
+FRONTIER_AXES = ("general", "domain")
+FRONTIER_COLUMNS = tuple(f"frontier/{axis}" for axis in FRONTIER_AXES)
 
 
 # ----------------------------------------------------------------------------- rows
@@ -108,6 +110,9 @@ def aggregate_seeds(per_seed: Sequence[Sequence[dict[str, Any]]]) -> list[dict[s
         )
         for axis in PARETO_AXES:
             entry[axis] = entry["metrics"].get(axis)
+        if FRONTIER_COLUMNS[0] in entry["metrics"]:
+            entry["frontier_advantage"] = {axis: {"mean": entry["metrics"].get(f"frontier/{axis}"),
+                                                  "ci95": entry["ci95"].get(f"frontier/{axis}")} for axis in FRONTIER_AXES}
         out.append(entry)
     return out
 
@@ -171,7 +176,7 @@ def _cell(value: Any, ci: list[float] | None = None, se: float | None = None, di
 def raw_columns(entries: Sequence[dict[str, Any]]) -> list[str]:
     """Every metric key of ``entries`` beyond :data:`PRIMARY_COLUMNS`, sorted; stderrs go into their
     metric's cell, not a column of their own."""
-    keys = {k for e in entries for k in e["metrics"]} - set(PRIMARY_COLUMNS)
+    keys = {k for e in entries for k in e["metrics"]} - set(PRIMARY_COLUMNS) - set(FRONTIER_COLUMNS)
     return sorted(k for k in keys if not k.endswith("_stderr"))
 
 
@@ -192,6 +197,45 @@ def relations_table(relations: Sequence[dict[str, Any]]) -> str:
     return "\n".join(["| policy | versus | relation |", "|---|---|---|", *rows])
 
 
+def frontier_columns(entries: Sequence[dict[str, Any]]) -> list[str]:
+    return [c for c in FRONTIER_COLUMNS if any(c in e["metrics"] for e in entries)]
+
+
+def _verdict(adv: dict[str, Any]) -> str:
+    ci = adv["ci95"]
+    if ci is None:
+        return "one seed: no interval"
+    if ci[0] > 0:
+        return "beats the front: the 95% interval is above 0"
+    return "below the front: the 95% interval is below 0" if ci[1] < 0 else "within noise: the 95% interval spans 0"
+
+
+def _signed(adv: dict[str, Any]) -> str:
+    ci = adv["ci95"]
+    return f"{adv['mean']:+.4f}" + (f" ± {(ci[1] - ci[0]) / 2:.4f}" if ci else "")
+
+
+def frontier_section(summary: dict[str, Any]) -> list[str]:
+    """Markdown lines: each policy's, control's and frozen CPT's advantage over the uniform front."""
+    front = summary.get("frontier") or {}
+    rows = [e for e in summary["models"] if e.get("frontier_advantage") and e["kind"] in ("policy", "control", "freeze")]
+    if not front.get("per_seed") or not rows:
+        return []
+    lines = [
+        "## Against the uniform frontier",
+        "",
+        f"The uniform whole-model sweep t = {front['ts']} per seed, its Pareto front in (domain NLL on "
+        f"`{front['domain']}`, general NLL on `{front['general']}`), extended flat beyond its ends. Frontier advantage: "
+        "the front's NLL at the model's other coordinate minus the model's, in nats per token (> 0: better than "
+        "uniform interpolation at matched ability).",
+        "",
+    ]
+    for e in rows:
+        g, d = e["frontier_advantage"]["general"], e["frontier_advantage"]["domain"]
+        lines.append(f"- `{e['name']}`: general {_signed(g)} ({_verdict(g)}); domain {_signed(d)} ({_verdict(d)}).")
+    return [*lines, ""]
+
+
 def summary_markdown(summary: dict[str, Any]) -> str:
     """``summary.md`` of a pipeline run: every model's metrics, the policy-vs-control relations and the
     cost per stage (``summary`` as in ``summary.json``: ``seeds``, ``models``, ``relations``, ``cost``)."""
@@ -206,8 +250,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         "general_retention: mean over general entries of score(model)/score(base) (NLL: nll(base)/nll(model)); "
         "domain_gain_preservation: (dom(model)-dom(base))/(dom(adapted)-dom(base)).",
         "",
-        markdown_table(entries, [*PRIMARY_COLUMNS, *raw_columns(entries)]),
+        markdown_table(entries, [*PRIMARY_COLUMNS, *frontier_columns(entries), *raw_columns(entries)]),
         "",
+        *frontier_section(summary),
         "## Policy vs controls (Pareto on general retention, domain-gain preservation)",
         "",
         relations_table(summary["relations"]),
@@ -227,27 +272,44 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------- files
 
 
-def pareto_plot(entries: Sequence[dict[str, Any]], path: Path, title: str = "SPEAR-MM trade-off") -> Path:
-    """General retention vs domain-gain preservation, one labelled point per model."""
+def pareto_plot(entries: Sequence[dict[str, Any]], path: Path, title: str = "SPEAR-MM trade-off",
+                frontier: dict[str, Any] | None = None) -> Path:
+    """One labelled point per model (with its seed interval). With ``frontier`` (summary.json's): the
+    low-noise axes, domain NLL vs general NLL, and the uniform sweep's mean front as a line; without:
+    general retention vs domain-gain preservation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if frontier and frontier.get("per_seed"):
+        axes = (f"nll/{frontier['domain']}", f"nll/{frontier['general']}")
+        labels = (f"domain NLL ({frontier['domain']}, nats/token; lower is better)",
+                  f"general NLL ({frontier['general']}, nats/token; lower is better)")
+    else:
+        axes = PARETO_AXES
+        labels = ("general retention (1 = base)", "domain-gain preservation (1 = adapted)")
     fig, ax = plt.subplots(figsize=(6.5, 5))
+    if frontier and frontier.get("per_seed"):
+        sweeps = list(frontier["per_seed"].values())
+        mean = [(sum(s[i]["domain_nll"] for s in sweeps) / len(sweeps), sum(s[i]["general_nll"] for s in sweeps) / len(sweeps))
+                for i in range(len(sweeps[0]))]
+        ax.plot([p[0] for p in mean], [p[1] for p in mean], "-", color="grey", alpha=0.7, label="uniform sweep (mean)")
+        ax.legend(fontsize=8)
     for e in entries:
-        x, y = e["metrics"].get(PARETO_AXES[0]), e["metrics"].get(PARETO_AXES[1])
+        x, y = e["metrics"].get(axes[0]), e["metrics"].get(axes[1])
         if x is None or y is None:
             continue
         ci = e.get("ci95", {})
-        xerr = [[x - ci[PARETO_AXES[0]][0]], [ci[PARETO_AXES[0]][1] - x]] if PARETO_AXES[0] in ci else None
-        yerr = [[y - ci[PARETO_AXES[1]][0]], [ci[PARETO_AXES[1]][1] - y]] if PARETO_AXES[1] in ci else None
+        xerr = [[x - ci[axes[0]][0]], [ci[axes[0]][1] - x]] if axes[0] in ci else None
+        yerr = [[y - ci[axes[1]][0]], [ci[axes[1]][1] - y]] if axes[1] in ci else None
         baseline = e["name"] in ("base", "adapted")
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="s" if baseline else "o", capsize=3,
-                    color="black" if baseline else None)
-        ax.annotate(e["name"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xlabel("general retention (1 = base)")
-    ax.set_ylabel("domain-gain preservation (1 = adapted)")
+        sweep = e.get("kind") == "frontier"
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="s" if baseline else ("." if sweep else "o"), capsize=3,
+                    color="black" if baseline else ("grey" if sweep else None))
+        ax.annotate(e["name"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7 if sweep else 8)
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -265,5 +327,5 @@ def write_summary(out_dir: Path, summary: dict[str, Any]) -> str:
     text = summary_markdown(summary)
     write_json_atomic(out_dir / "summary.json", summary)
     write_text_atomic(out_dir / "summary.md", text)
-    pareto_plot(summary["models"], out_dir / "pareto.png")
+    pareto_plot(summary["models"], out_dir / "pareto.png", frontier=summary.get("frontier"))
     return text
