@@ -38,6 +38,7 @@ def atomic_dir(final: Path, overwrite: bool = False, knob: str = "overwrite") ->
     final.parent.mkdir(parents=True, exist_ok=True)
     _clear_stale_tmp(final)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; the output gets the usual dir mode
     try:
         yield tmp
         if final.exists():

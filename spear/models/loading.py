@@ -100,12 +100,30 @@ def torch_dtype(name: str):
 
 
 def load_tokenizer(model_dir: Path, *, trust_remote_code: bool = False):
+    """The model dir's tokenizer; a dir without one is a one-line error (every stage needs it)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as err:
+        if "trust_remote_code" in str(err):
+            raise SpearError(f"the tokenizer of {model_dir} needs its own Python code; set model.trust_remote_code=true "
+                             "if you trust the source") from None
+        raise SpearError(f"{model_dir} has no usable tokenizer ({str(err).splitlines()[0][:160]}); copy the tokenizer "
+                         "files of its base model (tokenizer.json, tokenizer_config.json, ...) into it") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def check_loaded_weights(model, model_dir: Path) -> None:
+    """Every floating parameter finite: a NaN/Inf weight is an error naming the tensor, not a NaN loss later."""
+    import torch
+
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            raise SpearError(f"{model_dir}: tensor {name} holds NaN or Inf values; the checkpoint is corrupt or diverged, "
+                             "use another model (or an earlier checkpoint)")
 
 
 def load_model(
@@ -116,14 +134,27 @@ def load_model(
     trust_remote_code: bool = False,
     allow_network: bool = False,
 ):
-    """(model in eval mode, tokenizer) for a model reference; see the module docstring."""
+    """(model in eval mode, tokenizer) for a model reference; see the module docstring.
+
+    Loading is guarded as the streaming stages are: safetensors headers and sizes are checked
+    before transformers reads them, remote code needs ``model.trust_remote_code``, every weight must
+    be finite and the dir must hold a tokenizer; each problem is one ``SpearError`` line.
+    """
     from transformers import AutoModelForCausalLM
 
+    from spear.io.reader import Checkpoint
+
     model_dir = resolve_model_dir(ref, allow_pickle=allow_pickle, allow_network=allow_network)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir),
-        dtype=torch_dtype(dtype),
-        use_safetensors=not allow_pickle,
-        trust_remote_code=trust_remote_code,
-    )
+    if any(model_dir.glob("*.safetensors")):
+        Checkpoint(model_dir).close()  # a truncated or corrupt file: one line, before transformers reads it
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=torch_dtype(dtype), use_safetensors=not allow_pickle, trust_remote_code=trust_remote_code,
+        )
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise SpearError(f"{model_dir} needs its own Python code to load; set model.trust_remote_code=true if you "
+                         "trust the source (it runs that code)") from None
+    check_loaded_weights(model, model_dir)
     return model.eval(), load_tokenizer(model_dir, trust_remote_code=trust_remote_code)

@@ -1,0 +1,98 @@
+"""Bad models and corpora fail with one line before anything is written (issue: reliability).
+
+Each case: a ``SpearError`` whose message names the file or the config key to fix, one line, and
+no partial output in the run dir."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from spear.errors import SpearError
+
+TEXT = "The ledger records every debit and credit; the balance sheet lists assets and liabilities. " * 20
+
+
+def _evaluate(compose, model_dir, out, *extra):
+    from spear.evaluation.stage import run_evaluate
+
+    corpus = out.parent / "general.txt"
+    corpus.write_text(TEXT)
+    cfg = compose("evaluate", ["model=tiny_llama", f"model.ref={model_dir}", "eval=perplexity",
+                               f"proxy.general.source={corpus}", f"proxy.domain.source={corpus}",
+                               "proxy.general.max_tokens=128", "proxy.domain.max_tokens=128", *extra], output_dir=out)
+    return run_evaluate(cfg)
+
+
+def _one_line_error(call, match: str) -> str:
+    with pytest.raises(SpearError, match=match) as err:
+        call()
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def test_nan_weight_is_an_error_naming_the_tensor(compose, tiny_llama_copy, tmp_path):
+    weights = tiny_llama_copy / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    out = tmp_path / "run"
+    _one_line_error(lambda: _evaluate(compose, tiny_llama_copy, out), "model.layers.1.mlp.up_proj.weight holds NaN")
+    assert not (out / "results.json").exists()
+
+
+def test_truncated_safetensors_is_an_error_before_transformers_reads_it(compose, tiny_llama_copy, tmp_path):
+    weights = tiny_llama_copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    _one_line_error(lambda: _evaluate(compose, tiny_llama_copy, tmp_path / "run"), "truncated")
+
+
+def test_model_dir_without_tokenizer(compose, tiny_llama_copy, tmp_path):
+    for f in tiny_llama_copy.iterdir():
+        if "token" in f.name or f.name == "special_tokens_map.json":
+            f.unlink()
+    _one_line_error(lambda: _evaluate(compose, tiny_llama_copy, tmp_path / "run"), "has no usable tokenizer")
+
+
+def test_remote_code_names_the_key(compose, tiny_llama_copy, tmp_path):
+    config = json.loads((tiny_llama_copy / "config.json").read_text())
+    config.update(model_type="spear_custom", auto_map={"AutoConfig": "configuration_custom.CustomConfig",
+                                                     "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
+    (tiny_llama_copy / "config.json").write_text(json.dumps(config))
+    _one_line_error(lambda: _evaluate(compose, tiny_llama_copy, tmp_path / "run"), "model.trust_remote_code=true")
+
+
+def test_binary_perplexity_corpus_is_not_decoded_by_guess(compose, tiny_llama_dir, tmp_path):
+    binary = tmp_path / "corpus.bin"
+    binary.write_bytes(bytes(range(256)) * 40)
+    out = tmp_path / "run"
+    _one_line_error(lambda: _evaluate(compose, tiny_llama_dir, out, f"proxy.domain.source={binary}"),
+                    "proxy.domain.source=.*is not UTF-8")
+    assert not (out / "results.json").exists()
+
+
+def test_merged_model_dir_gets_the_usual_permissions(tiny_llama_dir, tmp_path):
+    from spear.config.schema import SlerpMerge
+    from spear.merging.plan import TMap
+    from spear.merging.streaming import merge_checkpoints
+
+    adapted = tmp_path / "adapted"
+    shutil.copytree(tiny_llama_dir, adapted)
+    out = tmp_path / "merged"
+    merge_checkpoints(tiny_llama_dir, adapted, out, TMap.of_layers({0: 0.5}), SlerpMerge(), progress=False)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~_umask()
+    assert torch.equal(load_file(out / "model.safetensors")["model.norm.weight"],
+                       load_file(adapted / "model.safetensors")["model.norm.weight"])
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
