@@ -96,3 +96,25 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_merge_takes_the_base_tokenizer_when_the_adapted_dir_has_none(tiny_llama_dir, tmp_path):
+    from spear.config.schema import SlerpMerge
+    from spear.merging.plan import TMap
+    from spear.merging.streaming import has_tokenizer, merge_checkpoints
+    from spear.models import load_model
+
+    adapted = tmp_path / "adapted"
+    shutil.copytree(tiny_llama_dir, adapted)
+    for f in adapted.iterdir():
+        if "token" in f.name:
+            f.unlink()
+    assert not has_tokenizer(adapted)
+    result = merge_checkpoints(tiny_llama_dir, adapted, tmp_path / "merged", TMap(), SlerpMerge(), progress=False)
+    assert result["tokenizer_from"] == "base"
+    load_model(str(tmp_path / "merged"))  # loads, tokenizer included
+    bare = tmp_path / "bare_base"
+    shutil.copytree(adapted, bare)
+    _one_line_error(lambda: merge_checkpoints(bare, adapted, tmp_path / "never", TMap(), SlerpMerge(), progress=False),
+                    "holds a tokenizer")
+    assert not (tmp_path / "never").exists()

@@ -104,6 +104,7 @@ def run_merge(cfg) -> dict[str, Any]:
         "adapted": {"path": str(adapted_dir)},
         "ranking": ranking_info,
         "files": result["files"],
+        "tokenizer_from": result["tokenizer_from"],
         "fallbacks": sum(1 for s in result["tensors"].values() if s.get("fallback")),
     }
     if search is not None:

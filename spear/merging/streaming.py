@@ -35,6 +35,8 @@ from spear.runtime import peak_rss_bytes, torch_threads
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf")
+# a dir holding one of these has a tokenizer; the merged model takes the adapted model's, else the base's
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def config_namespace(config: dict[str, Any]) -> SimpleNamespace:
@@ -49,6 +51,21 @@ def layer_map_of_dir_config(config: dict[str, Any]):
     from spear.models.layer_map import layer_map_for
 
     return layer_map_for(config_namespace(config))
+
+
+def has_tokenizer(model_dir: Path) -> bool:
+    return any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer files of ``src`` (``tokenizer*``, ``special_tokens_map.json``, vocab/merges)."""
+    copied = []
+    for path in sorted(Path(src).iterdir()):
+        if path.is_file() and (path.name.startswith("tokenizer") or path.name in ("special_tokens_map.json", "vocab.json",
+                                                                                  "merges.txt", "added_tokens.json")):
+            shutil.copy2(path, dst / path.name)
+            copied.append(path.name)
+    return copied
 
 
 def copy_aux_files(src: Path, dst: Path) -> list[str]:
@@ -102,7 +119,9 @@ def merge_checkpoints(
     """Merge ``adapted_dir`` toward ``base_dir`` by ``tmap`` and the ``merge`` config into the HF dir ``out_dir``.
 
     Returns ``{"plan", "tensors": {name: stats}, "layer_t", "bytes_read", "bytes_written",
-    "seconds", "peak_rss_bytes", "files", "num_layers"}``. ``on_tensor(name)`` is called after each
+    "seconds", "peak_rss_bytes", "files", "num_layers", "tokenizer_from"}``. The output takes the
+    adapted model's config and tokenizer; an adapted dir without a tokenizer gets the base's (said in
+    ``tokenizer_from``), and two dirs without one are an error before anything is read. ``on_tensor(name)`` is called after each
     tensor is handed to the writer (a hook for progress reporting and for tests that interrupt the
     merge). Writing overlaps the next tensor's read and merge (one background write in flight).
     """
@@ -110,6 +129,10 @@ def merge_checkpoints(
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:  # fail before reading anything
         raise SpearError(f"output {out_dir} already exists; set overwrite=true to replace it, or choose another path")
+    tokenizer_from = "adapted" if has_tokenizer(adapted_dir) else "base" if has_tokenizer(base_dir) else None
+    if tokenizer_from is None:
+        raise SpearError(f"neither {adapted_dir} nor {base_dir} holds a tokenizer; copy the base model's tokenizer files "
+                         "into the adapted dir (a merged model without one cannot be used)")
     # values are checked by the kernel from the sums of squares it computes anyway (no extra pass)
     reader = TensorPairReader(Path(base_dir), Path(adapted_dir), check_values=False)
     layer_map = layer_map_of_dir_config(reader.config)
@@ -153,10 +176,14 @@ def merge_checkpoints(
                     wait([pending])
             summary = writer.close()
         copy_aux_files(Path(adapted_dir), tmp)
+        if tokenizer_from == "base":
+            log.warning("merge: %s has no tokenizer; the merged model gets the base model's (%s)", adapted_dir, base_dir)
+            copy_tokenizer(Path(base_dir), tmp)
     if bar is not None:
         bar.close()
     return {
         "plan": plan,
+        "tokenizer_from": tokenizer_from,
         "tensors": tensors,
         "layer_t": plan.layer_t(),
         "num_layers": layer_map.num_layers,
