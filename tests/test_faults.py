@@ -118,3 +118,16 @@ def test_merge_takes_the_base_tokenizer_when_the_adapted_dir_has_none(tiny_llama
     _one_line_error(lambda: merge_checkpoints(bare, adapted, tmp_path / "never", TMap(), SlerpMerge(), progress=False),
                     "holds a tokenizer")
     assert not (tmp_path / "never").exists()
+
+
+def test_analyze_refuses_nan_in_a_norm_weight(compose, tiny_llama_dir, tiny_llama_copy, tmp_path):
+    from spear.analysis.stage import run_analyze
+
+    weights = tiny_llama_copy / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["model.layers.2.post_attention_layernorm.weight"][3] = float("inf")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    out = tmp_path / "run"
+    cfg = compose("analyze", [f"base={tiny_llama_dir}", f"adapted={tiny_llama_copy}", "progress=false"], output_dir=out)
+    _one_line_error(lambda: run_analyze(cfg), "model.layers.2.post_attention_layernorm.weight")
+    assert not (out / "ranking.json").exists()

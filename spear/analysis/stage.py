@@ -48,6 +48,11 @@ def analyze_pair(cfg, base_dir: Path, adapted_dir: Path):
         progress=cfg.progress,
         workers=resolve_workers(cfg.spectra.workers),
     )
+    # the small tensors the spectra do not read (norms, biases) must be finite too; embeddings are checked by
+    # every stage that loads or merges them (reading them here would double the analysis' peak memory)
+    for name in reader.names:
+        if len(reader.base.shape(name)) < 2:
+            reader.read(name)
     return table, layer_map, reader
 
 
