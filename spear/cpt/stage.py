@@ -23,7 +23,24 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+
+from spear import __version__
+from spear.config import resolved_yaml
+from spear.cpt.callbacks import SpeedMonitor
+from spear.cpt.export import gather_trained_model, save_hf_dir
+from spear.cpt.freeze import apply_freeze, plan_for_model, ranking_for
+from spear.cpt.module import CPTModule
+from spear.cpt.strategies import build_trainer, trainer_kwargs
+from spear.data.datamodule import SpearDataModule
 from spear.errors import SpearError
+from spear.io.atomic import check_output_free, write_json_atomic, write_text_atomic
+from spear.models import layer_map_for, load_model, resolve_model_dir
+from spear.models.loading import torch_dtype
+from spear.runtime import peak_rss_bytes
+from spear.tracking import build_logger, finish_logger
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +77,6 @@ def resolve_ckpt_path(ckpt_path: str | None) -> str | None:
 def build_callbacks(cfg, ckpt_dir: Path) -> list:
     """The ``callbacks`` group instantiated; the checkpoint callback only with ``checkpoint.enabled``,
     writing into ``ckpt_dir`` (the run dir's ``checkpoints/``, where ``ckpt_path=<run dir>`` looks)."""
-    from hydra.utils import instantiate
-
     out = []
     for name, node in cfg.callbacks.items():
         if name != "model_checkpoint":
@@ -72,10 +87,6 @@ def build_callbacks(cfg, ckpt_dir: Path) -> list:
 
 
 def _resources() -> dict[str, Any]:
-    import torch
-
-    from spear.runtime import peak_rss_bytes
-
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cuda = int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     # process CPU time next to wall time shows contention on a shared machine (cpu/wall << threads)
@@ -86,26 +97,9 @@ def _resources() -> dict[str, Any]:
 def run_train(cfg) -> dict[str, Any]:
     """Continual pretraining as configured; returns the summary (``model_dir``: the HF dir)."""
     t_start = time.perf_counter()
-    import pytorch_lightning as pl
-    import torch
-
-    from spear import __version__
-    from spear.config import resolved_yaml
-    from spear.cpt.callbacks import SpeedMonitor
-    from spear.cpt.export import gather_trained_model, save_hf_dir
-    from spear.cpt.freeze import apply_freeze, plan_for_model, ranking_for
-    from spear.cpt.module import CPTModule
-    from spear.cpt.strategies import build_trainer, trainer_kwargs
-    from spear.data.datamodule import SpearDataModule
-    from spear.io.atomic import write_json_atomic, write_text_atomic
-    from spear.models import layer_map_for, load_model, resolve_model_dir
-    from spear.models.loading import torch_dtype
-    from spear.tracking import build_logger, finish_logger
-
     out_dir = Path(cfg.paths.output_dir)
     model_out = out_dir / "model"
-    if model_out.exists() and not cfg.overwrite:
-        raise SpearError(f"{model_out} already exists; set overwrite=true to replace it, or choose another run dir")
+    check_output_free(model_out, cfg.overwrite)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path)
     trainer_kwargs(cfg.trainer)  # validate the strategy (e.g. DeepSpeed installed) before heavy work
     pl.seed_everything(cfg.seed, workers=True)

@@ -25,6 +25,12 @@ def _clear_stale_tmp(final: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
 
+def check_output_free(final: Path, overwrite: bool, knob: str = "overwrite") -> None:
+    """An existing output is an error unless ``overwrite``: stages call it before their expensive work."""
+    if Path(final).exists() and not overwrite:
+        raise SpearError(f"output {final} already exists; set {knob}=true to replace it, or choose another run dir")
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path, overwrite: bool = False, knob: str = "overwrite") -> Iterator[Path]:
     """Yield a temp dir that becomes ``final`` when the block succeeds.
@@ -33,8 +39,7 @@ def atomic_dir(final: Path, overwrite: bool = False, knob: str = "overwrite") ->
     with ``overwrite`` it is replaced only after the new output is complete.
     """
     final = Path(final)
-    if final.exists() and not overwrite:
-        raise SpearError(f"output {final} already exists; set {knob}=true to replace it, or choose another path")
+    check_output_free(final, overwrite, knob)
     final.parent.mkdir(parents=True, exist_ok=True)
     _clear_stale_tmp(final)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-", dir=final.parent))

@@ -17,16 +17,21 @@ from pathlib import Path
 from typing import Any
 
 from spear.analysis.ranking import Ranking
+from spear.analysis.stage import model_dirs, rank_pair
 from spear.config.schema import NEEDS_RANKING
-from spear.errors import SpearError
+from spear.io.atomic import check_output_free, write_json_atomic
+from spear.io.reader import Checkpoint
+from spear.merging.exports import mergekit_config, write_mergekit_yaml
+from spear.merging.policies import build_tmap
+from spear.merging.streaming import layer_map_of_dir_config, merge_checkpoints
+from spear.runtime import peak_rss_bytes, resolve_device
+from spear.tracking import start_tracker
 
 log = logging.getLogger(__name__)
 
 
 def ranking_of(cfg, base_dir: Path, adapted_dir: Path, out_dir: Path) -> tuple[Ranking | None, dict[str, Any] | None]:
     """The ranking the policy needs: ``ranking=`` when given, else ranked here (written to the run dir)."""
-    from spear.analysis.stage import rank_pair
-
     if cfg.policy.name not in NEEDS_RANKING:
         return None, None
     if cfg.ranking:
@@ -46,15 +51,12 @@ def ranking_of(cfg, base_dir: Path, adapted_dir: Path, out_dir: Path) -> tuple[R
 
 def restoration(cfg, base_dir: Path, adapted_dir: Path, out_dir: Path, num_layers: int):
     """(TMap, ranking info, search record or None) of the configured policy."""
-    from spear.merging.policies import build_tmap
-
     ranking, info = ranking_of(cfg, base_dir, adapted_dir, out_dir)
     tmap = build_tmap(ranking, cfg.policy, num_layers)
     if cfg.policy.name != "target_retention":
         return tmap, info, None
-    from spear.merging.target import search_target
+    from spear.merging.target import search_target  # loads a model: only for this policy
     from spear.models import load_model
-    from spear.runtime import resolve_device
 
     model, tokenizer = load_model(str(adapted_dir), **cfg.model.load_options())
     model.to(resolve_device(cfg.device))
@@ -64,19 +66,10 @@ def restoration(cfg, base_dir: Path, adapted_dir: Path, out_dir: Path, num_layer
 
 def run_merge(cfg) -> dict[str, Any]:
     """Merge as configured and write ``model/``, ``merge_report.json`` and ``mergekit.yaml``."""
-    from spear.analysis.stage import model_dirs
-    from spear.io.atomic import write_json_atomic
-    from spear.io.reader import Checkpoint
-    from spear.merging.exports import mergekit_config, write_mergekit_yaml
-    from spear.merging.streaming import layer_map_of_dir_config, merge_checkpoints
-    from spear.runtime import peak_rss_bytes
-    from spear.tracking import start_tracker
-
     t0 = time.perf_counter()
     out_dir = Path(cfg.paths.output_dir)
     model_out = out_dir / "model"
-    if model_out.exists() and not cfg.overwrite:
-        raise SpearError(f"output {model_out} already exists; set overwrite=true to replace it, or choose another run dir")
+    check_output_free(model_out, cfg.overwrite)
     base_dir, adapted_dir = model_dirs(cfg)
     adapted_ckpt = Checkpoint(adapted_dir)
     num_layers = layer_map_of_dir_config(adapted_ckpt.config).num_layers

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from spear.errors import SpearError
-from spear.io.atomic import atomic_dir
+from spear.io.atomic import atomic_dir, check_output_free
 from spear.io.reader import INDEX_FILE, TensorPairReader
 from spear.io.writer import ShardedSafetensorsWriter, TensorSpec
 from spear.merging.kernels import merge_tensor
@@ -127,8 +127,7 @@ def merge_checkpoints(
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:  # fail before reading anything
-        raise SpearError(f"output {out_dir} already exists; set overwrite=true to replace it, or choose another path")
+    check_output_free(out_dir, overwrite)  # fail before reading anything
     tokenizer_from = "adapted" if has_tokenizer(adapted_dir) else "base" if has_tokenizer(base_dir) else None
     if tokenizer_from is None:
         raise SpearError(f"neither {adapted_dir} nor {base_dir} holds a tokenizer; copy the base model's tokenizer files "
