@@ -25,7 +25,7 @@ def impact_presets() -> dict[str, dict[str, float]]:
     """The components of every cheap ``impact`` option (the proxies the posterior validates)."""
     from spear.config.schema import GROUP_OPTIONS
 
-    return {name: dict(opt.components) for name, opt in GROUP_OPTIONS["impact"].items() if name != "posterior"}
+    return {name: dict(opt.components) for name, opt in GROUP_OPTIONS["impact"].items() if name not in ("posterior", "grad_delta")}
 
 
 def measure_posterior(cfg, base_dir: Path, adapted_dir: Path, layer_map) -> dict[str, Any]:
@@ -93,17 +93,15 @@ def measure_posterior(cfg, base_dir: Path, adapted_dir: Path, layer_map) -> dict
     }
 
 
-def attach_posterior(ranking: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
-    """Add the measurements and ``proxy_vs_posterior`` (Spearman per cheap proxy) to a ranking."""
+def attach_measured(ranking: dict[str, Any], result: dict[str, Any], kind: str) -> dict[str, Any]:
+    """Add a measured impact (``kind``: ``posterior`` or ``grad_delta``) to a ranking document: per layer
+    ``layers[i][kind]``, the run's record ``ranking[kind]``, and ``proxy_vs_<kind>``, the Spearman
+    correlation of every cheap proxy (metric column and ``impact`` option) with the measured score."""
     from spear.analysis.scoring import _clean, proxy_correlations
 
-    for lay, post in zip(ranking["layers"], result["layers"], strict=True):
-        lay["posterior"] = {k: _clean(v) for k, v in post.items() if k != "layer"}
-    ranking["posterior"] = {
-        "reference": result["reference"],
-        "corpora": result["corpora"],
-        "evaluations": result["evaluations"],
-        "score": "general_recovery - domain_weight * domain_change (NLL, nats per token)",
-    }
-    ranking["proxy_vs_posterior"] = proxy_correlations(ranking["layers"], result["score"], impact_presets())
+    for lay, measured in zip(ranking["layers"], result["layers"], strict=True):
+        lay[kind] = {k: _clean(v) for k, v in measured.items() if k != "layer"}
+    record = {k: v for k, v in result.items() if k not in ("score", "groups", "layers")}
+    ranking[kind] = {**record, "score": "general_recovery - domain_weight * domain_change (NLL, nats per token)"}
+    ranking[f"proxy_vs_{kind}"] = proxy_correlations(ranking["layers"], result["score"], impact_presets())
     return ranking

@@ -20,6 +20,7 @@ from spear.analysis.ranking import Ranking
 from spear.errors import SpearError
 
 log = logging.getLogger(__name__)
+MEASURED = ("posterior", "grad_delta")  # impacts that load the adapted model and measure instead of estimating
 
 
 def model_dirs(cfg) -> tuple[Path, Path]:
@@ -71,6 +72,9 @@ def impact_params(cfg, table_params: dict[str, Any]) -> dict[str, Any]:
     if cfg.impact.name == "posterior":
         params["posterior"] = {"domain_weight": cfg.impact.domain_weight, "groups": cfg.impact.groups,
                                "proxy": cfg.proxy.model_dump(), "merge": cfg.merge.model_dump()}
+    if cfg.impact.name == "grad_delta":
+        params["grad_delta"] = {"domain_weight": cfg.impact.domain_weight, "calibration_tokens": cfg.impact.calibration_tokens,
+                                "proxy": cfg.proxy.model_dump()}
     return params
 
 
@@ -86,9 +90,9 @@ def _ranking_document(cfg, table, base_dir: Path, adapted_dir: Path, **overrides
 
 def rank_pair(cfg, base_dir: Path, adapted_dir: Path) -> Ranking:
     """The cheap-proxy ranking of a pair (``impact``, ``spectra``, ``metrics``): what merge uses without one."""
-    if cfg.impact.name == "posterior":
-        raise SpearError("impact=posterior is measured by `python -m spear.analyze impact=posterior`; "
-                         "run it and pass ranking=<its ranking.json>")
+    if cfg.impact.name in MEASURED:
+        raise SpearError(f"impact={cfg.impact.name} loads the model to measure; run `python -m spear.analyze "
+                         f"impact={cfg.impact.name}` and pass ranking=<its ranking.json>")
     table, _, _ = analyze_pair(cfg, base_dir, adapted_dir)
     return Ranking.from_document(_ranking_document(cfg, table, base_dir, adapted_dir))
 
@@ -110,21 +114,23 @@ def run_analyze(cfg) -> dict[str, Any]:
     table, layer_map, reader = analyze_pair(cfg, base_dir, adapted_dir)
     timing["spectra"] = time.perf_counter() - t
 
-    posterior = None
-    if cfg.impact.name == "posterior":
+    measured = None
+    if cfg.impact.name in MEASURED:
+        from spear.analysis.gradient import measure_grad_delta
         from spear.analysis.posterior import measure_posterior
 
         t = time.perf_counter()
-        posterior = measure_posterior(cfg, base_dir, adapted_dir, layer_map)
-        timing["posterior"] = time.perf_counter() - t
+        measure = measure_posterior if cfg.impact.name == "posterior" else measure_grad_delta
+        measured = measure(cfg, base_dir, adapted_dir, layer_map)
+        timing[cfg.impact.name] = time.perf_counter() - t
     t = time.perf_counter()
-    if posterior is None:
+    if measured is None:
         doc = _ranking_document(cfg, table, base_dir, adapted_dir)
     else:
-        from spear.analysis.posterior import attach_posterior
+        from spear.analysis.posterior import attach_measured
 
-        doc = attach_posterior(_ranking_document(cfg, table, base_dir, adapted_dir, score_override=posterior["score"],
-                                                 group_override=posterior.get("groups")), posterior)
+        doc = attach_measured(_ranking_document(cfg, table, base_dir, adapted_dir, score_override=measured["score"],
+                                                group_override=measured.get("groups")), measured, cfg.impact.name)
     ranking = Ranking.from_document(doc)
     timing["scoring"] = time.perf_counter() - t
 

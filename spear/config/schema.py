@@ -125,6 +125,7 @@ class ImpactConfig(Node):
     components: dict[str, float] = knob({"rel_change": 1.0}, "metric column -> weight; layer score = sum weight * mean percentile")
     domain_weight: float = knob(0.0, "posterior: score = general recovery - domain_weight * domain NLL increase", ge=0.0)
     groups: bool = knob(False, "posterior: also measure attn and mlp groups (3 restores per layer)")
+    calibration_tokens: int = knob(2048, "grad_delta: tokens per corpus, right after the proxy's evaluation slice", ge=64)
 
     @model_validator(mode="after")
     def _known(self) -> ImpactConfig:
@@ -355,6 +356,7 @@ IMPACT_COMPONENTS: dict[str, tuple[dict[str, float], str]] = {
     "random": ({"random": 1.0}, "control: seeded random scores"),
     "position": ({"position": 1.0}, "control: layer position (metrics.position_mode)"),
     "posterior": ({"rel_change": 1.0}, "measured: restore each layer alone and measure the proxy (components: the cheap proxy beside it)"),
+    "grad_delta": ({"rel_change": 1.0}, "first-order posterior: grad of the proxy NLL . (base - adapted) per unit, one backward pass per corpus"),
 }
 IMPACT_NAMES = tuple(IMPACT_COMPONENTS)
 
