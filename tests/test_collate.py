@@ -66,3 +66,30 @@ def test_collate_posterior_section_correlates_proxies_with_measurements(tmp_path
     assert "| rel_change | 1.000 |" in text and "| swci | -1.000 |" in text
     assert "| impact:combined | 1.000 |" in text  # the default preset is rel_change
     assert "| 3 | -0.0200 | +0.0200 |" in text
+
+
+def test_collate_renders_the_frontier_advantage_and_draws_the_front(tmp_path):
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- +experiment=demo\n")
+    sweep = [{"t": 0.0, "domain_nll": 2.3, "general_nll": 3.1}, {"t": 1.0, "domain_nll": 2.4, "general_nll": 3.0}]
+
+    def model(name, kind, d, g, adv):
+        return {"name": name, "kind": kind, "seeds": [1, 2],
+                "metrics": {"nll/finance_heldout": d, "nll/general": g, "frontier/general": adv, "frontier/domain": adv},
+                "ci95": {"frontier/general": [adv - 0.01, adv + 0.01]},
+                "frontier_advantage": {"general": {"mean": adv, "ci95": [adv - 0.01, adv + 0.01]},
+                                       "domain": {"mean": adv, "ci95": None}}}
+
+    models = [model("base", "baseline", 2.4, 3.0, 0.0), model("adapted", "baseline", 2.3, 3.1, 0.0),
+              model("optimized", "policy", 2.3, 2.95, 0.1)]
+    frontier = {"ts": [0.0, 1.0], "general": "general", "domain": "finance_heldout", "per_seed": {"1": sweep, "2": sweep}}
+    cost = {"stages": [], "cpt_seconds": 1.0, "extra_policy_seconds": 1.0, "extra_policy_vs_cpt": 1.0, "wall_seconds": 1.0}
+    (run / "summary.json").write_text(json.dumps({"seeds": [1, 2], "models": models, "relations": [], "cost": cost,
+                                                  "frontier": frontier}))
+    out = main([str(run), "--experiment", "demo", "--out", str(tmp_path / "out")])
+    readme = (out / "README.md").read_text()
+    assert "## Against the uniform frontier" in readme
+    assert "- `optimized`: general +0.1000 ± 0.0100 (beats the front: the 95% interval is above 0)" in readme
+    assert "frontier/general" in readme.split("## Results")[1].split("Raw metrics:")[0]
+    assert json.loads((out / "summary.json").read_text())["frontier"] == frontier

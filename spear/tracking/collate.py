@@ -17,6 +17,8 @@ from typing import Any
 from spear.paths import CONF_DIR, PROJECT_ROOT
 from spear.tracking.summary import (
     PRIMARY_COLUMNS,
+    frontier_columns,
+    frontier_section,
     markdown_table,
     number,
     pareto_plot,
@@ -139,7 +141,8 @@ def posterior_section(ranking_path: Path) -> str:
 
 
 def render(name: str, entries: list[dict[str, Any]], relations: list[dict[str, Any]], cost: list[dict[str, Any]],
-           seeds: list[int], command: str, description: str, notes: str = "", sections: str = "") -> str:
+           seeds: list[int], command: str, description: str, notes: str = "", sections: str = "",
+           frontier: dict[str, Any] | None = None) -> str:
     """The experiment's README.md: description, command, results (the pipeline's tables), relations, cost."""
     lines = [
         f"# {name}",
@@ -155,8 +158,9 @@ def render(name: str, entries: list[dict[str, Any]], relations: list[dict[str, A
         "",
         "## Results",
         "",
-        markdown_table(entries, PRIMARY_COLUMNS),
+        markdown_table(entries, [*PRIMARY_COLUMNS, *frontier_columns(entries)]),
         "",
+        *frontier_section({"frontier": frontier, "models": entries}),
         "Raw metrics:",
         "",
         markdown_table(entries, raw_columns(entries)),
@@ -188,14 +192,17 @@ def main(argv: list[str] | None = None) -> Path:
 
     out = args.out or PROJECT_ROOT / "experiments" / args.experiment
     out.mkdir(parents=True, exist_ok=True)
-    entries, relations, cost, seeds = collect(job_runs(args.runs))
+    runs = job_runs(args.runs)
+    entries, relations, cost, seeds = collect(runs)
+    frontier = json.loads((runs[0] / "summary.json").read_text()).get("frontier")  # the first job's uniform sweep
     description, command = experiment_header(args.experiment)
     command = args.command or command
     notes = args.notes.read_text() if args.notes else ""
     sections = posterior_section(args.posterior) if args.posterior else ""
-    write_text_atomic(out / "README.md", render(args.experiment, entries, relations, cost, seeds, command, description, notes, sections))
-    pareto_plot(entries, out / "pareto.png", title=args.experiment)
-    write_json_atomic(out / "summary.json", {"models": entries, "relations": relations, "cost": cost})
+    write_text_atomic(out / "README.md", render(args.experiment, entries, relations, cost, seeds, command, description, notes,
+                                                sections, frontier))
+    pareto_plot(entries, out / "pareto.png", title=args.experiment, frontier=frontier)
+    write_json_atomic(out / "summary.json", {"models": entries, "relations": relations, "cost": cost, "frontier": frontier})
     print(out / "README.md")
     return out
 
