@@ -102,12 +102,13 @@ class PipelineState:
         if freeze is not None:
             values["freeze"] = freeze
         key = stage_key(self.cfg.stage(TrainRun, "", **values), self.base_fp)
-        hit = self.cache.lookup("train", key)
-        if hit is None:
-            start = time.perf_counter()
-            summary = run_train(self.cfg.stage(TrainRun, str(self.cache.dir_for("train", key) / "run"), **values))
-            hit = self.cache.complete("train", key, {"key": key, "model_dir": summary["model_dir"],
-                                                     "seconds": time.perf_counter() - start, "summary": summary})
+        with self.cache.claim("train", key):
+            hit = self.cache.lookup("train", key)
+            if hit is None:
+                start = time.perf_counter()
+                summary = run_train(self.cfg.stage(TrainRun, str(self.cache.dir_for("train", key) / "run"), **values))
+                hit = self.cache.complete("train", key, {"key": key, "model_dir": summary["model_dir"],
+                                                         "seconds": time.perf_counter() - start, "summary": summary})
         self.account(f"train {label}seed {seed}", hit["seconds"], self.cache.events[-1]["hit"])
         return hit
 
@@ -129,13 +130,14 @@ class PipelineState:
 
         values = {"base": str(self.base_dir), "adapted": adapted["model_dir"], "task_name": "analyze"}
         key = stage_key(self.cfg.stage(AnalyzeRun, "", **values), adapted["key"], self.base_fp)
-        hit = self.cache.lookup("analyze", key)
-        if hit is None:
-            out = self.cache.dir_for("analyze", key) / "run"
-            start = time.perf_counter()
-            run_analyze(self.cfg.stage(AnalyzeRun, str(out), **values))
-            hit = self.cache.complete("analyze", key, {"key": key, "ranking": str(out / "ranking.json"),
-                                                       "seconds": time.perf_counter() - start})
+        with self.cache.claim("analyze", key):
+            hit = self.cache.lookup("analyze", key)
+            if hit is None:
+                out = self.cache.dir_for("analyze", key) / "run"
+                start = time.perf_counter()
+                run_analyze(self.cfg.stage(AnalyzeRun, str(out), **values))
+                hit = self.cache.complete("analyze", key, {"key": key, "ranking": str(out / "ranking.json"),
+                                                           "seconds": time.perf_counter() - start})
         self.account(f"analyze seed {seed}", hit["seconds"], self.cache.events[-1]["hit"])
         return hit
 
@@ -147,15 +149,16 @@ class PipelineState:
 
         cfg = self.cfg
         key = content_key(cfg.eval.model_dump(mode="json"), cfg.proxy.model_dump(mode="json"), *key_parts)
-        record = self.cache.lookup("evaluate", key)
-        reused = record is not None
-        if record is None:
-            model, tokenizer, prep_seconds = produce()
-            start = time.perf_counter()
-            results = evaluate_model(model, tokenizer, cfg.eval, cfg.proxy, name, progress=cfg.progress)
-            record = self.cache.complete("evaluate", key, {"results": results,
-                                                           "eval_seconds": time.perf_counter() - start,
-                                                           "prep_seconds": prep_seconds})
+        with self.cache.claim("evaluate", key):
+            record = self.cache.lookup("evaluate", key)
+            reused = record is not None
+            if record is None:
+                model, tokenizer, prep_seconds = produce()
+                start = time.perf_counter()
+                results = evaluate_model(model, tokenizer, cfg.eval, cfg.proxy, name, progress=cfg.progress)
+                record = self.cache.complete("evaluate", key, {"results": results,
+                                                               "eval_seconds": time.perf_counter() - start,
+                                                               "prep_seconds": prep_seconds})
         seconds = record["eval_seconds"] + (record["prep_seconds"] if with_prep else 0.0)
         self.account(stage, seconds, reused)
         return {**record, "seconds": seconds}

@@ -131,3 +131,73 @@ def test_analyze_refuses_nan_in_a_norm_weight(compose, tiny_llama_dir, tiny_llam
     cfg = compose("analyze", [f"base={tiny_llama_dir}", f"adapted={tiny_llama_copy}", "progress=false"], output_dir=out)
     _one_line_error(lambda: run_analyze(cfg), "model.layers.2.post_attention_layernorm.weight")
     assert not (out / "ranking.json").exists()
+
+
+def test_a_second_writer_of_an_output_fails_fast_and_the_first_completes(tiny_llama_dir, tmp_path):
+    """Two merges into one output: the second names the first's pid and touches nothing of it."""
+    import subprocess
+    import sys
+    import time
+
+    from spear.config.schema import SlerpMerge
+    from spear.merging.plan import TMap
+    from spear.merging.streaming import merge_checkpoints
+    from spear.paths import PROJECT_ROOT
+
+    adapted = tmp_path / "adapted"
+    shutil.copytree(tiny_llama_dir, adapted)
+    out, marker = tmp_path / "merged", tmp_path / "started"
+    code = f"""
+import time
+from pathlib import Path
+from spear.config.schema import SlerpMerge
+from spear.merging.plan import TMap
+from spear.merging.streaming import merge_checkpoints
+def slow(name):
+    Path({str(marker)!r}).touch()
+    time.sleep(0.1)
+merge_checkpoints(Path({str(tiny_llama_dir)!r}), Path({str(adapted)!r}), Path({str(out)!r}), TMap.of_layers({{1: 0.5}}),
+                  SlerpMerge(), progress=False, on_tensor=slow)
+"""
+    first = subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_ROOT)
+    try:
+        deadline = time.time() + 120
+        while not marker.exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.05)
+        assert marker.exists(), "the first merge never started writing"
+        message = _one_line_error(
+            lambda: merge_checkpoints(tiny_llama_dir, adapted, out, TMap(), SlerpMerge(), progress=False),
+            f"{out} is being written by pid {first.pid}; wait for it or choose another hydra.run.dir")
+        assert str(first.pid) in message
+    finally:
+        assert first.wait(timeout=300) == 0
+    assert (out / "model.safetensors").exists() and not list(tmp_path.glob(".tmp-merged-*"))
+
+
+def test_parallel_jobs_compute_a_shared_stage_once(tmp_path):
+    """Jobs sharing a stage cache: whoever holds a key computes it; the others wait and reuse it."""
+    import subprocess
+    import sys
+
+    from spear.paths import PROJECT_ROOT
+
+    log = tmp_path / "computed.log"
+    code = f"""
+import time
+from pathlib import Path
+from spear.io.artifacts import StageCache
+cache = StageCache(Path({str(tmp_path / 'cache')!r}))
+with cache.claim("train", "k"):
+    if cache.lookup("train", "k") is None:
+        with open({str(log)!r}, "a") as fh:
+            fh.write("computed\\n")
+        time.sleep(1.0)
+        cache.complete("train", "k", {{"model_dir": "m"}})
+print(cache.lookup("train", "k"))
+"""
+    jobs = [subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outputs = [job.communicate(timeout=120)[0] for job in jobs]
+    assert all(job.returncode == 0 for job in jobs)
+    assert log.read_text() == "computed\n"
+    assert all("'model_dir': 'm'" in out for out in outputs)

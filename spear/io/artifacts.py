@@ -3,18 +3,22 @@
 A stage's key is the sha256 of its resolved config slice plus fingerprints of its input
 files. Its outputs live in ``<root>/<stage>/<key>/`` and count as present only once the
 stage wrote ``done.json`` there (written last, atomically), so an interrupted stage is
-simply recomputed.
+simply recomputed. Concurrent runs sharing a cache (a parallel sweep) compute each key once:
+:meth:`StageCache.claim` holds the key's lock, so a second job waits for the owner's result and
+reuses it (a dead owner's lock is released with its process).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spear.io.atomic import write_json_atomic
+from spear.io.atomic import exclusive, write_json_atomic
 
 DONE = "done.json"
 
@@ -54,6 +58,12 @@ class StageCache:
         result = json.loads(done.read_text()) if done.exists() else None
         self.events.append({"stage": stage, "key": key, "hit": result is not None})
         return result
+
+    @contextlib.contextmanager
+    def claim(self, stage: str, key: str) -> Iterator[None]:
+        """Hold ``key``'s lock: look it up and, if missing, compute and :meth:`complete` it inside."""
+        with exclusive(self.dir_for(stage, key), wait=True, what="pipeline.cache_dir"):
+            yield
 
     def complete(self, stage: str, key: str, result: dict[str, Any]) -> dict[str, Any]:
         write_json_atomic(self.dir_for(stage, key) / DONE, result)

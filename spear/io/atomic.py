@@ -1,7 +1,10 @@
-"""Atomic outputs: write into a temporary sibling, rename at the end.
+"""Atomic outputs: write into a temporary sibling, rename at the end; one writer per output.
 
 An interrupted stage then leaves either the complete output or nothing (plus a hidden
 ``.tmp-*`` sibling that the next run of the same output removes), never a half-written one.
+A writer holds the hidden lock file ``.<name>.lock`` beside the output (an OS lock, released
+when its process ends, so a dead owner's lock is free): a second writer fails fast naming the
+owner's pid, and stale temp dirs are removed only by the lock's holder, never from a live writer.
 """
 
 from __future__ import annotations
@@ -25,6 +28,31 @@ def _clear_stale_tmp(final: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
 
+def _lock_path(final: Path) -> Path:
+    return final.parent / f".{final.name}.lock"
+
+
+@contextlib.contextmanager
+def exclusive(final: Path, *, wait: bool = False, what: str = "hydra.run.dir") -> Iterator[None]:
+    """Hold ``final``'s lock for the block: fail fast when another process holds it, or ``wait`` for it."""
+    from filelock import FileLock, Timeout
+
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    path = _lock_path(final)
+    lock = FileLock(path, timeout=-1 if wait else 0)
+    try:
+        lock.acquire()
+    except Timeout:
+        owner = path.read_text().strip() if path.exists() else "?"
+        raise SpearError(f"{final} is being written by pid {owner or '?'}; wait for it or choose another {what}") from None
+    try:
+        path.write_text(f"{os.getpid()}\n")  # the same inode the OS lock is on: tells a second writer who holds it
+        yield
+    finally:
+        lock.release()
+
+
 def check_output_free(final: Path, overwrite: bool, knob: str = "overwrite") -> None:
     """An existing output is an error unless ``overwrite``: stages call it before their expensive work."""
     if Path(final).exists() and not overwrite:
@@ -40,22 +68,23 @@ def atomic_dir(final: Path, overwrite: bool = False, knob: str = "overwrite") ->
     """
     final = Path(final)
     check_output_free(final, overwrite, knob)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _clear_stale_tmp(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-", dir=final.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; the output gets the usual dir mode
-    try:
-        yield tmp
-        if final.exists():
-            backup = final.with_name(f"{TMP_PREFIX}{final.name}-old")
-            os.replace(final, backup)
-            os.replace(tmp, final)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with exclusive(final):
+        check_output_free(final, overwrite, knob)  # another writer may have finished it meanwhile
+        _clear_stale_tmp(final)  # we hold the lock: these are a dead or finished writer's leftovers
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-", dir=final.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; the output gets the usual dir mode
+        try:
+            yield tmp
+            if final.exists():
+                backup = final.with_name(f"{TMP_PREFIX}{final.name}-old")
+                os.replace(final, backup)
+                os.replace(tmp, final)
+                shutil.rmtree(backup, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def _umask() -> int:
