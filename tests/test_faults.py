@@ -201,3 +201,45 @@ print(cache.lookup("train", "k"))
     assert all(job.returncode == 0 for job in jobs)
     assert log.read_text() == "computed\n"
     assert all("'model_dir': 'm'" in out for out in outputs)
+
+
+def test_truncated_lightning_checkpoint_is_one_line(tmp_path):
+    from spear.cpt.stage import resolve_ckpt_path
+
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir()
+    import zipfile
+
+    with zipfile.ZipFile(ckpt, "w") as zf:
+        zf.writestr("archive/data.pkl", b"x" * 4096)
+    assert resolve_ckpt_path(str(tmp_path)) == str(ckpt)  # a run dir finds checkpoints/last.ckpt
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    _one_line_error(lambda: resolve_ckpt_path(str(tmp_path)), "ckpt_path=.*not a readable checkpoint")
+
+
+def test_a_merge_killed_between_model_and_report_says_what_to_do(compose, tiny_llama_dir, tmp_path):
+    from spear.merging.stage import run_merge
+
+    adapted = tmp_path / "adapted"
+    shutil.copytree(tiny_llama_dir, adapted)
+    out = tmp_path / "run"
+    common = [f"base={tiny_llama_dir}", f"adapted={adapted}", "policy=uniform", "progress=false"]
+    run_merge(compose("merge", common, output_dir=out))
+    (out / "merge_report.json").unlink()  # as if killed after model/ was renamed into place
+    _one_line_error(lambda: run_merge(compose("merge", common, output_dir=out)), "interrupted.*set overwrite=true")
+    run_merge(compose("merge", [*common, "overwrite=true"], output_dir=out))
+    assert (out / "merge_report.json").exists()
+
+
+def test_pickle_only_dirs_in_streaming_stages_get_the_conversion_not_allow_pickle(compose, tiny_llama_dir, tmp_path):
+    from spear.analysis.stage import run_analyze
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_llama_dir, pickled)
+    weights = load_file(pickled / "model.safetensors")
+    (pickled / "model.safetensors").unlink()
+    torch.save(weights, pickled / "pytorch_model.bin")
+    cfg = compose("analyze", [f"base={tiny_llama_dir}", f"adapted={pickled}", "model.allow_pickle=true"],
+                  output_dir=tmp_path / "run")
+    message = _one_line_error(lambda: run_analyze(cfg), "adapted=.*holds no safetensors weights")
+    assert "allow_pickle" not in message

@@ -24,11 +24,18 @@ MEASURED = ("posterior", "grad_delta")  # impacts that load the adapted model an
 
 
 def model_dirs(cfg) -> tuple[Path, Path]:
-    """The local HF dirs of ``base`` and ``adapted``, resolved with the ``model`` group's options."""
+    """The local HF safetensors dirs of ``base`` and ``adapted`` (analysis and merge stream safetensors,
+    so pickle weights are refused here whatever ``model.allow_pickle`` says, with the way to convert them)."""
     from spear.models import resolve_model_dir
 
-    opts = {"allow_pickle": cfg.model.allow_pickle, "allow_network": cfg.model.allow_network}
-    return resolve_model_dir(cfg.base, **opts).resolve(), resolve_model_dir(cfg.adapted, **opts).resolve()
+    dirs = []
+    for key in ("base", "adapted"):
+        path = resolve_model_dir(getattr(cfg, key), allow_pickle=True, allow_network=cfg.model.allow_network).resolve()
+        if not any(path.glob("*.safetensors")):
+            raise SpearError(f"{key}={path} holds no safetensors weights; analysis and merge stream safetensors only: "
+                             "convert it (load it with transformers and save_pretrained(dir), which writes safetensors)")
+        dirs.append(path)
+    return dirs[0], dirs[1]
 
 
 def analyze_pair(cfg, base_dir: Path, adapted_dir: Path):

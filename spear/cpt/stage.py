@@ -20,6 +20,7 @@ import logging
 import math
 import resource
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from spear.cpt.module import CPTModule
 from spear.cpt.strategies import build_trainer, trainer_kwargs
 from spear.data.datamodule import SpearDataModule
 from spear.errors import SpearError
-from spear.io.atomic import check_output_free, write_json_atomic, write_text_atomic
+from spear.io.atomic import check_completed, check_output_free, write_json_atomic, write_text_atomic
 from spear.models import layer_map_for, load_model, resolve_model_dir
 from spear.models.loading import torch_dtype
 from spear.runtime import peak_rss_bytes
@@ -69,7 +70,12 @@ def resolve_ckpt_path(ckpt_path: str | None) -> str | None:
         return ckpt_path
     path = Path(ckpt_path).expanduser()
     for candidate in (path, path / CHECKPOINT_DIR / "last.ckpt", path / "last.ckpt"):
-        if candidate.is_file() or (candidate.is_dir() and (candidate / "latest").exists()):
+        if candidate.is_file():
+            if not zipfile.is_zipfile(candidate.resolve()):  # torch.save's format: a truncated file is no zip
+                raise SpearError(f"ckpt_path={candidate} is not a readable checkpoint (truncated or not a Lightning "
+                                 "checkpoint); point ckpt_path to another one, e.g. an earlier step-*.ckpt")
+            return str(candidate)
+        if candidate.is_dir() and (candidate / "latest").exists():  # a DeepSpeed checkpoint dir
             return str(candidate)
     raise SpearError(f"ckpt_path={ckpt_path} is not a checkpoint (nor a run dir with {CHECKPOINT_DIR}/last.ckpt); fix ckpt_path")
 
@@ -99,6 +105,7 @@ def run_train(cfg) -> dict[str, Any]:
     t_start = time.perf_counter()
     out_dir = Path(cfg.paths.output_dir)
     model_out = out_dir / "model"
+    check_completed(model_out, out_dir / SUMMARY, cfg.overwrite)
     check_output_free(model_out, cfg.overwrite)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path)
     trainer_kwargs(cfg.trainer)  # validate the strategy (e.g. DeepSpeed installed) before heavy work

@@ -53,6 +53,13 @@ def exclusive(final: Path, *, wait: bool = False, what: str = "hydra.run.dir") -
         lock.release()
 
 
+def check_completed(output: Path, marker: Path, overwrite: bool) -> None:
+    """``output`` without the ``marker`` its stage writes last: an earlier run was killed in between."""
+    if Path(output).exists() and not Path(marker).exists() and not overwrite:
+        raise SpearError(f"{output} exists but {Path(marker).name} does not: an earlier run was interrupted after writing "
+                         "it; set overwrite=true to redo that run here, or choose another run dir")
+
+
 def check_output_free(final: Path, overwrite: bool, knob: str = "overwrite") -> None:
     """An existing output is an error unless ``overwrite``: stages call it before their expensive work."""
     if Path(final).exists() and not overwrite:

@@ -19,7 +19,7 @@ from typing import Any
 from spear.analysis.ranking import Ranking
 from spear.analysis.stage import model_dirs, rank_pair
 from spear.config.schema import NEEDS_RANKING
-from spear.io.atomic import check_output_free, write_json_atomic
+from spear.io.atomic import check_completed, check_output_free, write_json_atomic
 from spear.io.reader import Checkpoint
 from spear.merging.exports import mergekit_config, write_mergekit_yaml
 from spear.merging.policies import build_tmap
@@ -69,6 +69,7 @@ def run_merge(cfg) -> dict[str, Any]:
     t0 = time.perf_counter()
     out_dir = Path(cfg.paths.output_dir)
     model_out = out_dir / "model"
+    check_completed(model_out, out_dir / "merge_report.json", cfg.overwrite)
     check_output_free(model_out, cfg.overwrite)
     base_dir, adapted_dir = model_dirs(cfg)
     adapted_ckpt = Checkpoint(adapted_dir)
