@@ -59,10 +59,10 @@ def unit_directional_derivatives(model, base_dir: Path, batches: dict[str, Any],
     import torch
 
     from spear.io.reader import Checkpoint
-    from spear.merging.plan import _GroupOf
+    from spear.merging.plan import GroupOf
 
     base = Checkpoint(Path(base_dir))
-    group_of = _GroupOf(layer_map)
+    group_of = GroupOf(layer_map)
     params = dict(model.named_parameters())
     owners = {name: (layer_map.layer_of(name), group_of(name)) for name in params}
     out = {}

@@ -125,13 +125,8 @@ def _check_k(freeze_cfg: Any, num_layers: int) -> int:
     return k
 
 
-def check_ranking(order: Sequence[int], num_layers: int, source: str, ranked_layers: int | None = None) -> list[int]:
+def check_ranking(order: Sequence[int], num_layers: int, source: str) -> list[int]:
     """Validate a ranking (``order`` of distinct layer indices, highest first) for a model."""
-    if ranked_layers is not None and int(ranked_layers) != num_layers:
-        raise SpearError(
-            f"{source} ranks {ranked_layers} layers but the model has {num_layers}; "
-            "set freeze.ranking to a ranking.json computed for this model (or null to compute one)"
-        )
     try:
         order = [int(x) for x in order]
     except (TypeError, ValueError):

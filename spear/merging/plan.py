@@ -123,7 +123,7 @@ def _group_prefixes(layer_map) -> dict[str, str]:
     return {prefix: next(iter(groups)) for prefix, groups in seen.items() if len(groups) == 1}
 
 
-class _GroupOf:
+class GroupOf:
     """The matrix group (attn/mlp) a layer tensor belongs to, or ``None`` (layer norms)."""
 
     def __init__(self, layer_map) -> None:
@@ -156,15 +156,16 @@ class MergePlan:
         if tmap.max_layer() >= layer_map.num_layers:
             raise SpearError(f"the t map names layer {tmap.max_layer()} but the model has layers 0..{layer_map.num_layers - 1}")
         params = merge.kernel_params()
-        group_of = _GroupOf(layer_map)
+        group_of = GroupOf(layer_map)
         steps = {}
         for name in names:
             layer = layer_map.layer_of(name)
             if layer is None:
                 t = tmap.non_layer_t
             else:
+                layer_t = tmap.unit_t.get(Unit(layer), 0.0)
                 group = group_of(name)
-                t = tmap.unit_t.get(Unit(layer, group), tmap.unit_t.get(Unit(layer), 0.0)) if group else tmap.unit_t.get(Unit(layer), 0.0)
+                t = tmap.unit_t.get(Unit(layer, group), layer_t) if group else layer_t
             steps[name] = TensorStep(t, merge.name, params)
         return cls(steps, tmap, layer_map.num_layers)
 
