@@ -5,7 +5,9 @@ Every entry point is ``main = hydra_entry("<stage>", "<module>:<function>")``: H
 turns it into the stage's typed run config, and the stage function runs on it. A
 :class:`SpearError` becomes one line ``error: ...`` with exit code 2. A run dir that this process
 created and that holds nothing but Hydra's bookkeeping afterwards is removed; a dir that existed
-before the run (``hydra.run.dir=<existing dir>``) is never removed.
+before the run (``hydra.run.dir=<existing dir>``) is never removed, and the ``.hydra/`` record a
+failing run wrote over is put back. A run dir named on the command line has one spear process at a
+time (``.spear-run.lock`` inside it, taken before Hydra writes there): a second one fails fast.
 """
 
 from __future__ import annotations
@@ -43,11 +45,47 @@ def _requested_run_dir(argv: list[str]) -> Path | None:
     return None
 
 
+RUN_LOCK = ".spear-run.lock"
+HYDRA_SUBDIR = ".hydra"
+
+
 def _remove_if_only_bookkeeping(run_dir: Path, task_name: str) -> None:
-    """Remove ``run_dir`` when all it holds is what Hydra wrote for this run (``.hydra/``, the log)."""
-    ours = {".hydra", f"{task_name}.log"}
+    """Remove ``run_dir`` when all it holds is what Hydra and this CLI wrote for this run."""
+    ours = {HYDRA_SUBDIR, f"{task_name}.log", RUN_LOCK}
     if run_dir.is_dir() and all(entry.name in ours for entry in run_dir.iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes] | None:
+    """The files of ``folder`` (Hydra's record of an earlier run), or ``None`` when there is none."""
+    if not folder.is_dir():
+        return None
+    return {f.name: f.read_bytes() for f in folder.iterdir() if f.is_file()}
+
+
+def _restore(folder: Path, files: dict[str, bytes] | None) -> None:
+    """Put back the ``.hydra/`` of an earlier run that a failing run overwrote (or remove the new one)."""
+    if files is None:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for f in folder.iterdir() if folder.is_dir() else ():
+        if f.is_file() and f.name not in files:
+            f.unlink()
+    folder.mkdir(exist_ok=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+
+
+def _user_overrides(argv: list[str]) -> list[str] | None:
+    """The config overrides of a single run, or ``None`` when Hydra's flags (``-m``, ``--cfg``) are used."""
+    if any(arg.startswith("-") for arg in argv):
+        return None
+    return [arg for arg in argv if not arg.split("=", 1)[0].lstrip("+~").startswith(("hydra.", "hydra/"))]
+
+
+def _fail(err: SpearError) -> None:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _stage_function(target: str) -> Callable:
@@ -61,9 +99,11 @@ def hydra_entry(stage: str, target: str) -> Callable[[], None]:
     from hydra.core.hydra_config import HydraConfig
 
     from spear.config import register, validate
+    from spear.config.store import check_overrides
+    from spear.io.atomic import exclusive
 
     register()
-    preexisting: set[Path] = set()
+    earlier_record: dict[Path, dict[str, bytes] | None] = {}  # pre-existing run dir -> its .hydra/ files
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=stage)
     def _main(cfg) -> None:
@@ -72,16 +112,30 @@ def hydra_entry(stage: str, target: str) -> Callable[[], None]:
             _stage_function(target)(validate(cfg, stage))
         except SpearError as err:
             logging.shutdown()
-            if run_dir not in preexisting:
+            if run_dir in earlier_record:
+                _restore(run_dir / HYDRA_SUBDIR, earlier_record[run_dir])
+            else:
                 _remove_if_only_bookkeeping(run_dir, str(cfg.task_name))
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+            _fail(err)
 
     def main() -> None:
         _set_offline_defaults()
+        overrides = _user_overrides(sys.argv[1:])
+        if overrides is not None:
+            try:  # a misspelt key or option is one line, before Hydra creates a run dir
+                check_overrides(stage, overrides)
+            except SpearError as err:
+                _fail(err)
         requested = _requested_run_dir(sys.argv[1:])
-        if requested is not None and requested.exists():
-            preexisting.add(requested)
-        _main()
+        if requested is None:
+            _main()
+            return
+        if requested.exists():
+            earlier_record[requested] = _snapshot(requested / HYDRA_SUBDIR)
+        try:
+            with exclusive(requested, lock=requested / RUN_LOCK):
+                _main()
+        except SpearError as err:  # the run dir is held by another process: nothing was written
+            _fail(err)
 
     return main

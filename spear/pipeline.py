@@ -240,6 +240,7 @@ class PipelineState:
 
 
 def run_pipeline(cfg) -> dict[str, Any]:
+    from spear.config import save_run_config
     from spear.tracking import start_tracker
     from spear.tracking.summary import aggregate_seeds, relations_of, write_summary
 
@@ -261,6 +262,7 @@ def run_pipeline(cfg) -> dict[str, Any]:
                      "domain": cfg.proxy.domain.name, "per_seed": state.frontier},
     }
     out_dir.mkdir(parents=True, exist_ok=True)
+    save_run_config(cfg, out_dir)
     print(write_summary(out_dir, summary))  # plain Markdown: wide tables stay readable in logs
     tracker = start_tracker(cfg)
     try:

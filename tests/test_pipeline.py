@@ -146,3 +146,36 @@ def test_notebook_executes_headless_against_the_run(tiny_runs, monkeypatch):
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert sum(1 for o in outputs if "image/png" in o.get("data", {})) >= 3  # scores, t map, Pareto
+
+
+def test_a_killed_pipeline_resumes_from_its_finished_stages(tiny_runs, corpus, tmp_path):
+    """SIGKILL once CPT is in the cache; the rerun reuses it (nothing recomputed) and reports what an
+    uninterrupted run does."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from spear.paths import PROJECT_ROOT
+
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    command = [sys.executable, "-m", "spear.pipeline", *TINY, f"data.paths=[{corpus}]", f"pipeline.cache_dir={cache}",
+               "logger=none", "progress=false", f"hydra.run.dir={out}"]
+    proc = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(cache.glob("train/*/done.json")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "summary.json").exists(), "the run finished before it could be killed"
+    trained = next(cache.glob("train/*/run/model/model.safetensors"))
+    stamp = trained.stat().st_mtime_ns
+
+    done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    events = {e["stage"]: e["hit"] for e in summary["cache"] if e["stage"] == "train"}
+    assert events == {"train": True} and trained.stat().st_mtime_ns == stamp
+    uninterrupted = tiny_runs[0][0]
+    assert [m["metrics"] for m in summary["models"]] == [m["metrics"] for m in uninterrupted["models"]]

@@ -108,6 +108,7 @@ def run_analyze(cfg) -> dict[str, Any]:
     """Rank ``adapted`` against ``base`` and write the analysis outputs into the run dir."""
     from spear.analysis.exports import unfrozen_parameters_yaml, write_metrics_csv
     from spear.analysis.plots import plot_layer_scores
+    from spear.config import save_run_config
     from spear.io.atomic import write_json_atomic, write_text_atomic
     from spear.runtime import peak_rss_bytes
     from spear.tracking import start_tracker
@@ -143,6 +144,7 @@ def run_analyze(cfg) -> dict[str, Any]:
 
     t = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
+    save_run_config(cfg, out_dir)
     ranking_path = ranking.save(out_dir / "ranking.json")
     csv_path = write_metrics_csv(table, out_dir / "metrics.csv")
     unfrozen_path = write_text_atomic(out_dir / "unfrozen_parameters.yaml",

@@ -10,6 +10,7 @@ root model and report the first problem as one line naming the key (``error: pol
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
 from spear.config.schema import GROUP_OPTIONS, MISSING
@@ -48,6 +49,31 @@ def compose_raw(stage: str, overrides: list[str] | None = None):
         return compose(config_name=stage, overrides=list(overrides or []))
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name=stage, overrides=list(overrides or []))
+
+
+def check_overrides(stage: str, overrides: list[str]) -> None:
+    """Compose ``stage`` with command-line ``overrides``; Hydra's composition errors become one line."""
+    import re
+
+    from hydra.errors import HydraException
+
+    try:
+        compose_raw(stage, overrides)
+    except HydraException as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        unknown = re.match(r"Could not override '([^']+)'", lines[0])
+        missing = re.search(r"Could not find '([^']+)/([^']+)'", lines[0])
+        if unknown:
+            message = (f"{unknown[1]} is not a key of spear.{stage}; fix its spelling "
+                       "(docs/CONFIG.md lists every key and option)")
+        elif missing:
+            options = lines[lines.index(f"Available options in '{missing[1]}':") + 1:] if (
+                f"Available options in '{missing[1]}':" in lines) else []
+            options = [o for o in options if not o.startswith(("Config search path", "provider="))]
+            message = f"{missing[1]}={missing[2]} is not an option; choose one of {', '.join(options) or '(none)'}"
+        else:
+            message = f"the overrides do not parse: {lines[0]}; see Hydra's override grammar"
+        raise SpearError(message) from None
 
 
 def compose(stage: str, overrides: list[str] | None = None):
@@ -122,6 +148,22 @@ def resolved_yaml(cfg) -> str:
 
     data = cfg.model_dump(mode="json")
     return yaml.safe_dump({"task_name": data.pop("task_name"), **data}, sort_keys=False)
+
+
+RUN_CONFIG = "config.yaml"
+
+
+def save_run_config(cfg, out_dir: Path) -> str:
+    """Write ``config.yaml`` among a stage's outputs, before its completion marker; returns the YAML.
+
+    Hydra's ``.hydra/`` records the latest invocation in a run dir; this file records the config
+    that produced the outputs beside it.
+    """
+    from spear.io.atomic import write_text_atomic
+
+    text = resolved_yaml(cfg)
+    write_text_atomic(Path(out_dir) / RUN_CONFIG, text)
+    return text
 
 
 def validate_node(schema: Any, data: dict[str, Any], key: str):

@@ -29,7 +29,7 @@ import torch
 from hydra.utils import instantiate
 
 from spear import __version__
-from spear.config import resolved_yaml
+from spear.config import resolved_yaml, save_run_config
 from spear.cpt.callbacks import SpeedMonitor
 from spear.cpt.export import gather_trained_model, save_hf_dir
 from spear.cpt.freeze import apply_freeze, plan_for_model, ranking_for
@@ -152,7 +152,7 @@ def run_train(cfg) -> dict[str, Any]:
     config_yaml = resolved_yaml(cfg)
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out_dir / "config.yaml", config_yaml)
+        save_run_config(cfg, out_dir)
         write_text_atomic(out_dir / TRAINABLE_LIST, "".join(f"{n}\n" for n in plan.trainable_params))
     if trainer.logger:
         trainer.logger.log_hyperparams(cfg.model_dump(mode="json"))

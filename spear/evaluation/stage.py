@@ -98,6 +98,7 @@ def _flat_metrics(results: dict[str, Any], retention: dict[str, Any] | None) -> 
 
 def run_evaluate(cfg) -> dict[str, Any]:
     """Evaluate ``cfg.model`` on ``cfg.eval`` and ``cfg.proxy``; retention when ``references.base`` is set."""
+    from spear.config import save_run_config
     from spear.evaluation.harness import check_suite, evaluate_model
     from spear.evaluation.retention import retention_from_suite
     from spear.evaluation.tables import print_markdown, results_markdown, retention_markdown
@@ -137,6 +138,7 @@ def run_evaluate(cfg) -> dict[str, Any]:
         del model
         gc.collect()
         results["seconds"]["total"] = round(time.perf_counter() - start, 3)
+        save_run_config(cfg, out_dir)
         write_json_atomic(out_dir / "results.json", results)
 
         retention = None

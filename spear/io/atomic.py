@@ -33,16 +33,19 @@ def _lock_path(final: Path) -> Path:
 
 
 @contextlib.contextmanager
-def exclusive(final: Path, *, wait: bool = False, what: str = "hydra.run.dir") -> Iterator[None]:
-    """Hold ``final``'s lock for the block: fail fast when another process holds it, or ``wait`` for it."""
+def exclusive(final: Path, *, wait: bool = False, what: str = "hydra.run.dir", lock: Path | None = None) -> Iterator[None]:
+    """Hold ``final``'s lock for the block: fail fast when another process holds it, or ``wait`` for it.
+
+    The lock file is ``.<name>.lock`` beside ``final`` unless ``lock`` names another one.
+    """
     from filelock import FileLock, Timeout
 
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    path = _lock_path(final)
-    lock = FileLock(path, timeout=-1 if wait else 0)
+    path = Path(lock) if lock is not None else _lock_path(final)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file_lock = FileLock(path, timeout=-1 if wait else 0)
     try:
-        lock.acquire()
+        file_lock.acquire()
     except Timeout:
         owner = path.read_text().strip() if path.exists() else "?"
         raise SpearError(f"{final} is being written by pid {owner or '?'}; wait for it or choose another {what}") from None
@@ -50,7 +53,7 @@ def exclusive(final: Path, *, wait: bool = False, what: str = "hydra.run.dir") -
         path.write_text(f"{os.getpid()}\n")  # the same inode the OS lock is on: tells a second writer who holds it
         yield
     finally:
-        lock.release()
+        file_lock.release()
 
 
 def check_completed(output: Path, marker: Path, overwrite: bool) -> None:

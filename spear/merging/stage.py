@@ -19,6 +19,7 @@ from typing import Any
 from spear.analysis.ranking import Ranking
 from spear.analysis.stage import model_dirs, rank_pair
 from spear.config.schema import NEEDS_RANKING
+from spear.config import save_run_config
 from spear.io.atomic import check_completed, check_output_free, write_json_atomic
 from spear.io.reader import Checkpoint
 from spear.merging.exports import mergekit_config, write_mergekit_yaml
@@ -103,6 +104,7 @@ def run_merge(cfg) -> dict[str, Any]:
     }
     if search is not None:
         report["search"] = search
+    save_run_config(cfg, out_dir)
     report_path = write_json_atomic(out_dir / "merge_report.json", report)
     out_dtype = adapted_ckpt.dtype(adapted_ckpt.names[0]) if adapted_ckpt.names else "F32"
     mk = mergekit_config(tmap, base=str(base_dir), adapted=str(adapted_dir), num_layers=num_layers,
