@@ -18,8 +18,8 @@ from typing import Any
 
 from spear.analysis.ranking import Ranking
 from spear.analysis.stage import model_dirs, rank_pair
-from spear.config.schema import NEEDS_RANKING
 from spear.config import save_run_config
+from spear.config.schema import NEEDS_RANKING
 from spear.io.atomic import check_completed, check_output_free, write_json_atomic
 from spear.io.reader import Checkpoint
 from spear.merging.exports import mergekit_config, write_mergekit_yaml
