@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from spear.cli import hydra_entry
+from spear.errors import SpearError
+from spear.merging.optimize import check_fit_kernel
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,9 @@ class LazyMerger:
         self.model = self.tokenizer = self.merger = None
         self.load_seconds = 0.0
 
-    def produce(self, tmap=None):
-        """(model, tokenizer, seconds spent preparing it) with ``tmap`` applied (None: adapted)."""
+    def produce(self, tmap=None, merge=None):
+        """(model, tokenizer, seconds spent preparing it) with ``tmap`` applied by ``merge`` (None: the
+        session's kernel) or, without ``tmap``, the adapted model."""
         from spear.merging.inmemory import InMemoryMerger
 
         first = self.merger is None
@@ -49,7 +52,7 @@ class LazyMerger:
             self.model, self.tokenizer, self.load_seconds = self._load(self.adapted_dir)
             self.merger = InMemoryMerger(self.model, self.base_dir, self.merge)
         start = time.perf_counter()
-        self.merger.reset() if tmap is None else self.merger.apply(tmap)
+        self.merger.reset() if tmap is None else self.merger.apply(tmap, merge=merge)
         seconds = time.perf_counter() - start + (self.load_seconds if first else 0.0)
         return self.model, self.tokenizer, seconds
 
@@ -60,13 +63,20 @@ class PipelineState:
     def __init__(self, cfg) -> None:
         from spear.evaluation.harness import check_suite
         from spear.io.artifacts import StageCache, fingerprint_path
-        from spear.merging.controls import policy_from_spec
+        from spear.merging.controls import merge_from_spec, policy_from_spec, policy_label
         from spear.models import resolve_model_dir
         from spear.runtime import resolve_device
 
         self.cfg = cfg
         # every input is checked before the first expensive step
-        self.policies = [cfg.policy, *(policy_from_spec(p) for p in cfg.pipeline.extra_policies)]
+        self.entries = [(cfg.policy, None), *((policy_from_spec(p), merge_from_spec(p)) for p in cfg.pipeline.extra_policies)]
+        labels = [policy_label(policy, merge) for policy, merge in self.entries]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise SpearError(f"pipeline.extra_policies: two entries are both named {twice[0]!r}; give one a `label`")
+        for policy, merge in self.entries:
+            if policy.name == "optimized":
+                check_fit_kernel(merge or cfg.merge)
         check_suite(cfg.eval, cfg.proxy)
         self.device = resolve_device(cfg.device)
         self.cache = StageCache(Path(cfg.pipeline.cache_dir))
@@ -141,6 +151,26 @@ class PipelineState:
         self.account(f"analyze seed {seed}", hit["seconds"], self.cache.events[-1]["hit"])
         return hit
 
+    def fit(self, adapted: dict[str, Any], seed: int, policy, merge, session: LazyMerger) -> dict[str, Any]:
+        """The fitted t map of an ``optimized`` policy on the adapted model of ``seed`` (cached)."""
+        from spear.merging.controls import policy_label
+        from spear.merging.optimize import fit_tmap
+
+        key = stage_key(policy.replace(label=None), adapted["key"], self.base_fp, merge.model_dump(mode="json"),
+                        self.cfg.proxy.model_dump(mode="json"), self.cfg.model.dtype)
+        label = policy_label(policy, None if merge is self.cfg.merge else merge)
+        with self.cache.claim("fit", key):
+            hit = self.cache.lookup("fit", key)
+            if hit is None:
+                model, tokenizer, _ = session.produce()
+                start = time.perf_counter()
+                tmap, record = fit_tmap(model, tokenizer, self.base_dir, policy, self.cfg.proxy, merge,
+                                        progress=self.cfg.progress)
+                hit = self.cache.complete("fit", key, {"key": key, "tmap": tmap.to_json(), "record": record,
+                                                       "seconds": time.perf_counter() - start})
+        self.account(f"fit {label} seed {seed}", hit["seconds"], self.cache.events[-1]["hit"])
+        return hit
+
     def evaluate(self, key_parts: list[Any], name: str, produce, stage: str, with_prep: bool = False) -> dict[str, Any]:
         """Evaluation results for the model ``produce()`` returns, reused when ``key_parts`` match;
         its cost is accounted as ``stage`` (with the merge's preparation time when ``with_prep``)."""
@@ -169,9 +199,9 @@ class PipelineState:
         from spear.analysis.ranking import Ranking
         from spear.config.schema import UniformPolicy
         from spear.evaluation.retention import retention_from_suite
-        from spear.merging.controls import models_to_merge
+        from spear.merging.controls import models_to_merge, policy_label
         from spear.merging.plan import TMap
-        from spear.tracking.frontier import add_frontier_advantage, sweep_points
+        from spear.tracking.frontier import add_frontier_advantage, add_score_advantage, sweep_points
         from spear.tracking.summary import model_entry
 
         cfg = self.cfg
@@ -191,6 +221,12 @@ class PipelineState:
         entries = [entry("base", "baseline", base_results, mean_t=1.0), entry("adapted", "baseline", adapted_results, mean_t=0.0)]
         if cfg.pipeline.freeze_compare.enabled:
             entries.append(self.frozen_cpt_entry(seed, analysis["ranking"], entry))
+        fits = {}
+        for policy, merge in self.entries:
+            if policy.name == "optimized":
+                label = policy_label(policy, merge)
+                fits[label] = self.fit(adapted, seed, policy, merge or cfg.merge, session)
+        fitted = {label: TMap.from_json(fit["tmap"]) for label, fit in fits.items()}
         merge_key = cfg.merge.model_dump(mode="json")
         results_by_t = {0.0: adapted_results, 1.0: base_results}  # t=0 is the adapted model, t=1 the base, bit for bit
         for t in sorted(set(cfg.pipeline.frontier.ts) - {0.0, 1.0}):
@@ -200,20 +236,28 @@ class PipelineState:
             results_by_t[t] = record["results"]
             entries.append(entry(name, "frontier", record["results"], mean_t=t, tmap=tmap.to_json(),
                                  policy=UniformPolicy(t=t, non_layer_t=t).model_dump()))
-        for item in models_to_merge(ranking, self.policies, n, controls=cfg.pipeline.controls,
-                                    random_seed=cfg.pipeline.random_seed):
-            record = self.evaluate([adapted["key"], self.base_fp, merge_key, item.tmap.to_json()], item.name,
-                                   lambda tmap=item.tmap: session.produce(tmap), f"merge+evaluate {item.name} seed {seed}",
-                                   with_prep=True)
+        for item in models_to_merge(ranking, self.entries, n, controls=cfg.pipeline.controls,
+                                    random_seed=cfg.pipeline.random_seed, fitted=fitted):
+            item_merge = item.merge.model_dump(mode="json") if item.merge is not None else merge_key
+            record = self.evaluate([adapted["key"], self.base_fp, item_merge, item.tmap.to_json()], item.name,
+                                   lambda item=item: session.produce(item.tmap, item.merge),
+                                   f"merge+evaluate {item.name} seed {seed}", with_prep=True)
+            extra: dict[str, Any] = {"control_of": item.control_of} if item.control_of else {}
+            if item.merge is not None:
+                extra["merge"] = item_merge
+            fit = fits.get(item.name) if item.kind == "policy" else None
+            if fit is not None:
+                extra["fit"] = {k: fit["record"][k] for k in ("seconds", "before", "after", "calibration", "units", "t")}
             if item.kind == "policy":
-                self.policy_seconds.append(record["seconds"])
-            extra = {"control_of": item.control_of} if item.control_of else {}
+                self.policy_seconds.append(record["seconds"] + (fit["seconds"] if fit is not None else 0.0))
             entries.append(entry(item.name, item.kind, record["results"], mean_t=item.tmap.mean_t(n),
                                  tmap=item.tmap.to_json(), policy=item.policy.model_dump(), **extra))
         if cfg.pipeline.frontier.ts:
             sweep = {t: results_by_t[t] for t in cfg.pipeline.frontier.ts}
             self.frontier[str(seed)] = sweep_points(sweep, cfg.proxy.general.name, cfg.proxy.domain.name)
             add_frontier_advantage(entries, self.frontier[str(seed)], cfg.proxy.general.name, cfg.proxy.domain.name)
+            add_score_advantage(entries, sweep, {"general": cfg.eval.general_tasks, "domain": cfg.eval.domain_tasks},
+                                cfg.proxy.general.name, cfg.proxy.domain.name)
         return entries
 
     def frozen_cpt_entry(self, seed: int, ranking_path: str, entry) -> dict[str, Any]:

@@ -38,3 +38,25 @@ def test_dominated_and_dominating_points():
 def test_an_empty_front_is_an_error():
     with pytest.raises(ValueError):
         frontier_advantage([], 1.0, 1.0)
+
+
+def test_score_advantage_reads_each_task_against_its_own_front():
+    """A general task's accuracy against the sweep's front at matched domain NLL; a domain task's at matched general NLL."""
+    from spear.tracking.frontier import add_score_advantage
+
+    def results(d, g, acc, fin):
+        return {"nll": {"fin": d, "gen": g}, "tasks": {"arc": {"acc": acc}, "fpb": {"acc": fin}}}
+
+    sweep = {0.0: results(1.0, 3.0, 0.40, 0.70), 0.5: results(1.5, 2.5, 0.50, 0.60), 1.0: results(2.0, 2.0, 0.60, 0.50)}
+
+    def row(d, g, acc, fin):
+        return {"metrics": {"nll/fin": d, "nll/gen": g, "arc/acc": acc, "arc/acc_stderr": 0.01, "fpb/acc": fin}}
+
+    on, better, worse = row(1.25, 2.75, 0.45, 0.65), row(1.25, 2.75, 0.55, 0.70), row(1.5, 2.5, 0.45, 0.55)
+    add_score_advantage([on, better, worse], sweep, {"general": ["arc"], "domain": ["fpb"]}, "gen", "fin")
+    assert on["metrics"]["frontier/arc/acc"] == pytest.approx(0.0)
+    assert on["metrics"]["frontier/fpb/acc"] == pytest.approx(0.0)
+    assert better["metrics"]["frontier/arc/acc"] == pytest.approx(0.10)
+    assert better["metrics"]["frontier/fpb/acc"] == pytest.approx(0.05)
+    assert worse["metrics"]["frontier/arc/acc"] == pytest.approx(-0.05)
+    assert "frontier/arc/acc_stderr" not in worse["metrics"]

@@ -10,7 +10,8 @@ import torch
 from spear.errors import SpearError
 from spear.merging.kernels import CHUNK, KERNELS, merge_tensor, tensor_stats
 
-PARAMS = {"slerp": {}, "linear": {}, "task_arithmetic": {}, "ties": {"density": 0.3}, "dare": {"density": 0.5, "seed": 1}}
+PARAMS = {"slerp": {}, "linear": {}, "task_arithmetic": {}, "ties": {"density": 0.3}, "dare": {"density": 0.5, "seed": 1},
+          "dg_hard": {"scope": "restored"}}
 
 
 def _pair(shape=(48, 40), dtype=torch.float32, seed=0, drift=0.3):
@@ -176,3 +177,46 @@ def test_check_finite_names_the_checkpoint():
     huge = torch.full((4,), 1e30)  # finite, but its sum of squares overflows float32: not an error
     out, _ = merge_tensor("linear", huge, huge, 0.5, check_finite=True)
     assert torch.isfinite(out).all()
+
+
+def _planted(rank: int, shape=(96, 64), signal=3.0, noise=0.01, seed=0):
+    """A base matrix and an adapted one = base + a rank-``rank`` drift + iid noise."""
+    g = torch.Generator().manual_seed(seed)
+    wb = torch.randn(shape, generator=g)
+    m, n = shape
+    u, _ = torch.linalg.qr(torch.randn(m, rank, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(n, rank, generator=g))
+    low_rank = (u * torch.linspace(signal, 2 * signal, rank)) @ v.T
+    return wb + low_rank + noise * torch.randn(shape, generator=g), wb, low_rank
+
+
+def test_dg_hard_recovers_the_rank_of_a_planted_delta_and_drops_its_noise():
+    wa, wb, low_rank = _planted(rank=4)
+    merged, stats = merge_tensor("dg_hard", wa, wb, 0.0, name="w", params={"scope": "all"})
+    assert stats["rank_kept"] == 4 and stats["rank"] == 64
+    # closer to the planted signal than the adapted tensor, whose delta still has the noise
+    assert (merged - wb - low_rank).norm() < 0.5 * (wa - wb - low_rank).norm()
+    half, _ = merge_tensor("dg_hard", wa, wb, 0.5, name="w", params={"scope": "restored"})
+    assert torch.allclose(half - wb, 0.5 * (merged - wb), atol=1e-5)
+
+
+def test_dg_hard_returns_the_base_for_a_pure_noise_delta():
+    g = torch.Generator().manual_seed(3)
+    wb = torch.randn(80, 80, generator=g)
+    wa = wb + 0.05 * torch.randn(80, 80, generator=g)
+    merged, stats = merge_tensor("dg_hard", wa, wb, 0.0, name="w", params={"scope": "all"})
+    assert stats["rank_kept"] == 0 and torch.equal(merged, wb)
+
+
+def test_dg_hard_scope_decides_whether_t0_tensors_are_filtered():
+    wa, wb, _ = _planted(rank=2)
+    kept, _ = merge_tensor("dg_hard", wa, wb, 0.0, name="w", params={"scope": "restored"})
+    filtered, _ = merge_tensor("dg_hard", wa, wb, 0.0, name="w", params={"scope": "all"})
+    assert torch.equal(kept, wa) and not torch.equal(filtered, wa)
+
+
+def test_dg_hard_leaves_vectors_to_task_arithmetic():
+    wa, wb = _pair(shape=(64,))
+    merged, stats = merge_tensor("dg_hard", wa, wb, 0.25, name="norm", params={"scope": "restored"})
+    reference, _ = merge_tensor("task_arithmetic", wa, wb, 0.25, name="norm")
+    assert torch.equal(merged, reference) and stats["rank_kept"] is None

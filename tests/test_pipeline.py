@@ -179,3 +179,39 @@ def test_a_killed_pipeline_resumes_from_its_finished_stages(tiny_runs, corpus, t
     assert events == {"train": True} and trained.stat().st_mtime_ns == stamp
     uninterrupted = tiny_runs[0][0]
     assert [m["metrics"] for m in summary["models"]] == [m["metrics"] for m in uninterrupted["models"]]
+
+
+def test_fitted_and_data_free_methods_with_their_own_kernels(corpus, tmp_path):
+    """optimized (fitted on calibration text, its fit recorded), DG-Hard alone (its own kernel) and LiNeS
+    with controls: each a model of the summary, the random control a permutation of the entry's t map."""
+    from spear.config import compose
+    from spear.pipeline import run_pipeline
+
+    extra = ("pipeline.extra_policies=[{policy: optimized, steps: 2, window: 64, calibration_tokens: 256},"
+             "{policy: uniform, t: 0.0, merge: {name: dg_hard, scope: all}}, lines]")
+    summary = run_pipeline(compose("pipeline", [
+        *TINY, f"data.paths=[{corpus}]", f"pipeline.cache_dir={tmp_path / 'cache'}", f"paths.output_dir={tmp_path / 'run'}",
+        "logger=none", "progress=false", "pipeline.frontier.ts=[0.0,1.0]", extra]))
+    by = {m["name"]: m for m in summary["models"]}
+    assert {"optimized_w1", "uniform@optimized_w1", "optimized_w1@random", "uniform_t0.0+dg_hard_all", "lines",
+            "lines@random"} <= set(by)
+    fit = by["optimized_w1"]["fit"]
+    assert fit["calibration"]["general"]["first_token"] == 256 and len(fit["t"]) == 5  # 4 layers + non-layer
+    assert sorted(by["optimized_w1@random"]["tmap"]["layer_t"].values()) == sorted(by["optimized_w1"]["tmap"]["layer_t"].values())
+    assert sorted(by["lines@random"]["tmap"]["layer_t"].values()) == sorted(by["lines"]["tmap"]["layer_t"].values())
+    assert by["lines@random"]["tmap"] != by["lines"]["tmap"]
+    dg = by["uniform_t0.0+dg_hard_all"]
+    assert dg["merge"]["name"] == "dg_hard" and dg["metrics"]["nll/general"] != by["adapted"]["metrics"]["nll/general"]
+    assert any(e["stage"] == "fit" for e in summary["cache"])
+
+
+def test_two_entries_with_one_name_are_an_error_before_anything_runs(corpus, tmp_path):
+    from spear.config import compose
+    from spear.errors import SpearError
+    from spear.pipeline import run_pipeline
+
+    with pytest.raises(SpearError, match="both named 'lines'"):
+        run_pipeline(compose("pipeline", [*TINY, f"data.paths=[{corpus}]", f"pipeline.cache_dir={tmp_path / 'cache'}",
+                                          f"paths.output_dir={tmp_path / 'run'}", "logger=none",
+                                          "pipeline.extra_policies=[lines, {policy: lines, t_first: 0.5}]"]))
+    assert not (tmp_path / "cache").exists()

@@ -19,27 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spear.errors import SpearError
 from spear.models.layer_map import GROUPS
 
 log = logging.getLogger(__name__)
-
-
-def calibration_ids(tokenizer, proxy, role: str, tokens: int):
-    """The ``tokens`` token ids right after the proxy's evaluation slice of ``role``'s corpus."""
-    from spear.evaluation.perplexity import tokenize_corpus
-    from spear.evaluation.proxy import read_corpus
-
-    spec = getattr(proxy, role)
-    if spec.max_tokens is None:
-        raise SpearError(f"impact=grad_delta calibrates on the text after the evaluation slice, but proxy.{role}.max_tokens "
-                         f"is null (the whole corpus is evaluated); set proxy.{role}.max_tokens")
-    ids = tokenize_corpus(tokenizer, read_corpus(spec.source, f"proxy.{role}"), spec.max_tokens + tokens)
-    calib = ids[spec.max_tokens:]
-    if calib.numel() < min(tokens, 64):
-        raise SpearError(f"proxy.{role}.source has only {ids.numel()} tokens: nothing is left for calibration after the "
-                         f"{spec.max_tokens} evaluated ones; lower proxy.{role}.max_tokens or impact.calibration_tokens")
-    return calib
 
 
 def _backward_mean_nll(model, ids, max_length: int) -> None:
@@ -88,13 +70,15 @@ def unit_directional_derivatives(model, base_dir: Path, batches: dict[str, Any],
 
 def measure_grad_delta(cfg, base_dir: Path, adapted_dir: Path, layer_map) -> dict[str, Any]:
     """Score every layer (and group) by its first-order restoration effect; see the module docstring."""
+    from spear.evaluation.proxy import calibration_ids
     from spear.models import load_model
     from spear.runtime import resolve_device
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(str(adapted_dir), **cfg.model.load_options())
     model.to(resolve_device(cfg.device)).eval()  # eval: no dropout; gradients still flow
-    batches = {role: calibration_ids(tokenizer, cfg.proxy, role, cfg.impact.calibration_tokens) for role in ("general", "domain")}
+    batches = {role: calibration_ids(tokenizer, cfg.proxy, role, cfg.impact.calibration_tokens, "impact.calibration_tokens")
+               for role in ("general", "domain")}
     g = unit_directional_derivatives(model, base_dir, batches, cfg.proxy.max_length, layer_map)
     weight = cfg.impact.domain_weight
 

@@ -246,9 +246,22 @@ class TargetRetentionPolicy(PolicyBase):
     max_evals: int = knob(12, "at most this many proxy evaluations (plus base and adapted)", ge=1)
 
 
+class OptimizedPolicy(PolicyBase):
+    name: Literal["optimized"] = "optimized"
+    domain_weight: float = knob(1.0, "lambda: the fit minimises general NLL + lambda * domain NLL on calibration text", ge=0.0)
+    fit_non_layer: bool = knob(True, "fit embeddings, final norm and lm_head as one more unit (false: non_layer_t)")
+    init_t: Strength = knob(0.5, "every unit's t before the fit (the uniform point it starts from)")
+    steps: int = knob(24, "Adam steps on logit(t)", ge=1)
+    lr: float = knob(0.3, "Adam learning rate on logit(t)", gt=0.0)
+    window: int = knob(256, "tokens per calibration window", ge=16)
+    windows_per_step: int = knob(1, "windows of each corpus per step (sampled from the calibration slice)", ge=1)
+    calibration_tokens: int = knob(4096, "tokens per corpus right after the proxy's evaluated slice: the fit's text", ge=64)
+    seed: int = knob(0, "seed of the window sampling")
+
+
 PolicyConfig = Annotated[
     Union[ConservativePolicy, BalancedPolicy, AggressivePolicy, TopKPolicy, ThresholdPolicy, UniformPolicy,  # noqa: UP007
-          LayersPolicy, LinesPolicy, TargetRetentionPolicy],
+          LayersPolicy, LinesPolicy, TargetRetentionPolicy, OptimizedPolicy],
     Field(discriminator="name"),
 ]
 NEEDS_RANKING = ("conservative", "balanced", "aggressive", "top_k", "threshold", "target_retention")
@@ -291,8 +304,15 @@ class DareMerge(MergeBase):
     seed: int = knob(0, "seed of the drop masks (with the tensor name)")
 
 
+class DgHardMerge(MergeBase):
+    name: Literal["dg_hard"] = "dg_hard"
+    scope: Literal["restored", "all"] = knob(
+        "restored", "restored: filter the delta of tensors with t > 0 (with a policy) | all: every tensor, t=0 "
+        "included (DG-Hard alone: policy=uniform policy.t=0)")
+
+
 MergeConfig = Annotated[
-    Union[SlerpMerge, LinearMerge, TaskArithmeticMerge, TiesMerge, DareMerge],  # noqa: UP007
+    Union[SlerpMerge, LinearMerge, TaskArithmeticMerge, TiesMerge, DareMerge, DgHardMerge],  # noqa: UP007
     Field(discriminator="name"),
 ]
 
@@ -396,6 +416,7 @@ GROUP_OPTIONS: dict[str, dict[str, Node]] = {
         "layers": LayersPolicy(),
         "lines": LinesPolicy(),
         "target_retention": TargetRetentionPolicy(),
+        "optimized": OptimizedPolicy(),
     },
     "merge": {
         "slerp": SlerpMerge(),
@@ -403,6 +424,7 @@ GROUP_OPTIONS: dict[str, dict[str, Node]] = {
         "task_arithmetic": TaskArithmeticMerge(),
         "ties": TiesMerge(),
         "dare": DareMerge(),
+        "dg_hard": DgHardMerge(),
     },
     "eval": {
         "quick": EvalConfig(tasks=["spear_arc_easy"], limits={"spear_arc_easy": 250}, general_tasks=["spear_arc_easy"]),

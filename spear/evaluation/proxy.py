@@ -41,6 +41,25 @@ def read_corpus(source: str, key: str) -> str:
     return text
 
 
+def calibration_ids(tokenizer, proxy, role: str, tokens: int, knob: str):
+    """The ``tokens`` token ids right after the proxy's evaluation slice of ``role``'s corpus.
+
+    What calibrates a method (``knob`` names its size) therefore never overlaps what evaluates it.
+    """
+    from spear.evaluation.perplexity import tokenize_corpus
+
+    spec = getattr(proxy, role)
+    if spec.max_tokens is None:
+        raise SpearError(f"{knob} calibrates on the text after the evaluation slice, but proxy.{role}.max_tokens is null "
+                         f"(the whole corpus is evaluated); set proxy.{role}.max_tokens")
+    ids = tokenize_corpus(tokenizer, read_corpus(spec.source, f"proxy.{role}"), spec.max_tokens + tokens)
+    calib = ids[spec.max_tokens:]
+    if calib.numel() < min(tokens, 64):
+        raise SpearError(f"proxy.{role}.source has only {ids.numel()} tokens: nothing is left for calibration after the "
+                         f"{spec.max_tokens} evaluated ones; lower proxy.{role}.max_tokens or {knob}")
+    return calib
+
+
 class ProxyEvaluator:
     """The proxy corpora of ``roles``, tokenised once for ``tokenizer``; :meth:`measure` any model."""
 

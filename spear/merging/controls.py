@@ -3,7 +3,12 @@
 * ``uniform@<label>``: every layer at the policy's mean ``t`` (does the selection beat spreading
   the same amount of restoration evenly?);
 * ``<label>@random``: the same policy on a seeded permutation of the ranking (does the ranking
-  beat chance?), which places the same multiset of ``t`` values without the analysis.
+  beat chance?), which places the same multiset of ``t`` values without the analysis; for a policy
+  that no ranking drives (``lines``, ``layers``, ``optimized``), its own ``t`` map permuted over the
+  layers in the same way (does the placement matter?).
+
+A pipeline entry may name its own ``merge`` kernel (``{policy: uniform, t: 0.0, merge: {name: dg_hard,
+scope: all}}``); its controls use the same kernel.
 """
 
 from __future__ import annotations
@@ -12,11 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from spear.analysis.ranking import Ranking
-from spear.config.schema import GROUP_OPTIONS, PolicyConfig, UniformPolicy
+from spear.config.schema import GROUP_OPTIONS, NEEDS_RANKING, MergeConfig, PolicyConfig, UniformPolicy
 from spear.config.store import validate_node
 from spear.errors import SpearError
 from spear.merging.plan import TMap
-from spear.merging.policies import build_tmap
+from spear.merging.policies import FITTED, build_tmap
 
 
 @dataclass(frozen=True)
@@ -28,12 +33,15 @@ class MergedModel:
     policy: Any
     tmap: TMap
     control_of: str | None = None
+    merge: Any = None  # the entry's own merge config (None: the run's)
 
 
 def policy_from_spec(spec: str | dict[str, Any]):
-    """An extra policy: a policy option name, or ``{policy: name, label: ..., <key>: value}``."""
+    """An extra policy: a policy option name, or ``{policy: name, label: ..., <key>: value}`` (a ``merge`` key
+    is the entry's kernel: :func:`merge_from_spec`)."""
     options = GROUP_OPTIONS["policy"]
     entry = {"policy": spec} if isinstance(spec, str) else dict(spec)
+    entry.pop("merge", None)
     name = entry.pop("policy", None)
     if name not in options:
         raise SpearError(f"pipeline.extra_policies entry {spec!r} needs `policy: <one of {', '.join(options)}>`")
@@ -43,33 +51,56 @@ def policy_from_spec(spec: str | dict[str, Any]):
         raise SpearError(f"pipeline.extra_policies entry {spec!r}: {err}") from None
 
 
-def policy_label(policy) -> str:
-    """The policy's name in summaries: ``policy.label``, else its name (with ``t``/granularity when they tell)."""
+def merge_from_spec(spec: str | dict[str, Any]):
+    """An extra policy's own ``merge`` config (``merge: dg_hard`` or ``merge: {name: dg_hard, ...}``), or ``None``."""
+    value = None if isinstance(spec, str) else spec.get("merge")
+    if value is None:
+        return None
+    entry = {"name": value} if isinstance(value, str) else dict(value)
+    options = GROUP_OPTIONS["merge"]
+    if entry.get("name") not in options:
+        raise SpearError(f"pipeline.extra_policies entry {spec!r}: merge needs `name: <one of {', '.join(options)}>`")
+    try:
+        return validate_node(MergeConfig, {**options[entry["name"]].model_dump(), **entry}, "merge")
+    except SpearError as err:
+        raise SpearError(f"pipeline.extra_policies entry {spec!r}: {err}") from None
+
+
+def policy_label(policy, merge=None) -> str:
+    """The policy's name in summaries: ``policy.label``, else its name (with ``t``, granularity, the fit's
+    weight and the entry's own kernel when they tell)."""
     if policy.label:
         return policy.label
     label = policy.name
     if policy.name in ("uniform", "layers", "top_k"):
         label += f"_t{policy.t}"
+    if policy.name == "optimized":
+        label += f"_w{policy.domain_weight:g}"
     if policy.granularity != "layer":
         label += f"_{policy.granularity}"
+    if merge is not None:
+        label += f"+{merge.name}" + (f"_{merge.scope}" if merge.name == "dg_hard" else "")
     return label
 
 
-def models_to_merge(ranking: Ranking, policies: list, num_layers: int, *, controls: bool, random_seed: int) -> list[MergedModel]:
-    """Every policy's merged model, each followed by its two controls (when ``controls``)."""
+def models_to_merge(ranking: Ranking, entries: list[tuple[Any, Any]], num_layers: int, *, controls: bool,
+                    random_seed: int, fitted: dict[str, TMap] | None = None) -> list[MergedModel]:
+    """Every ``(policy, merge or None)`` entry's merged model, each followed by its two controls (when
+    ``controls``); ``fitted``: the t maps of fitted policies (``optimized``) by label."""
     out: list[MergedModel] = []
     shuffled = ranking.permuted(random_seed)
-    for policy in policies:
+    for policy, merge in entries:
         if policy.name == "target_retention":
             raise SpearError("policy=target_retention searches with its own evaluation; run it with `python -m spear.merge`")
-        label = policy_label(policy)
-        tmap = build_tmap(ranking, policy, num_layers)
-        out.append(MergedModel(label, "policy", policy, tmap))
+        label = policy_label(policy, merge)
+        tmap = (fitted or {})[label] if policy.name in FITTED else build_tmap(ranking, policy, num_layers)
+        out.append(MergedModel(label, "policy", policy, tmap, merge=merge))
         if not controls or policy.name == "uniform":
             continue
         mean_t = tmap.mean_t(num_layers)
         uniform = UniformPolicy(t=round(mean_t, 6), non_layer_t=policy.non_layer_t)
         out.append(MergedModel(f"uniform@{label}", "control", uniform,
-                               TMap.of_layers(dict.fromkeys(range(num_layers), mean_t), policy.non_layer_t), label))
-        out.append(MergedModel(f"{label}@random", "control", policy, build_tmap(shuffled, policy, num_layers), label))
+                               TMap.of_layers(dict.fromkeys(range(num_layers), mean_t), tmap.non_layer_t), label, merge))
+        placed = build_tmap(shuffled, policy, num_layers) if policy.name in NEEDS_RANKING else tmap.permuted(random_seed, num_layers)
+        out.append(MergedModel(f"{label}@random", "control", policy, placed, label, merge))
     return out

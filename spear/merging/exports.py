@@ -57,6 +57,11 @@ def _setting(tmap: TMap, num_layers: int, transform=lambda v: v, non_layer=None)
     return entries
 
 
+# spear kernel -> mergekit merge_method
+MERGEKIT_METHODS = {"slerp": "slerp", "linear": "linear", "task_arithmetic": "task_arithmetic", "ties": "ties",
+                    "dare": "dare_linear"}
+
+
 def mergekit_config(
     tmap: TMap,
     *,
@@ -66,8 +71,11 @@ def mergekit_config(
     kernel: str = "slerp",
     kernel_params: dict[str, Any] | None = None,
     out_dtype: str = "F32",
-) -> dict[str, Any]:
-    """A mergekit config dict that reproduces spear's merge of ``adapted`` toward ``base``."""
+) -> dict[str, Any] | None:
+    """A mergekit config dict that reproduces spear's merge of ``adapted`` toward ``base``
+    (``None`` for a kernel mergekit does not have: ``dg_hard``)."""
+    if kernel not in MERGEKIT_METHODS:
+        return None
     params = dict(kernel_params or {})
     base, adapted = str(base), str(adapted)
     cfg: dict[str, Any]
@@ -88,7 +96,7 @@ def mergekit_config(
             "parameters": {"normalize": False},
         }
     else:  # single-delta methods: base_model = base, one model = adapted with weight 1 - t
-        method = {"task_arithmetic": "task_arithmetic", "ties": "ties", "dare": "dare_linear"}[kernel]
+        method = MERGEKIT_METHODS[kernel]
         model_params: dict[str, Any] = {"weight": _setting(tmap, num_layers, lambda v: 1.0 - v)}
         if kernel in ("ties", "dare"):
             density = float(params.get("density", 0.2))

@@ -20,8 +20,8 @@ from typing import Any
 
 from spear.errors import SpearError
 from spear.io.reader import ARCH_KEYS, Checkpoint, check_finite
-from spear.merging.kernels import merge_tensor
-from spear.merging.plan import MergePlan, TMap
+from spear.merging.kernels import acts_at_zero, merge_tensor
+from spear.merging.plan import MergePlan, TensorStep, TMap
 from spear.runtime import torch_threads
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,8 @@ class InMemoryMerger:
     >>> merger.reset()                           # the adapted model again
 
     ``merge`` is the validated ``merge`` config: kernel, its parameters, ``check_values`` and
-    ``threads`` apply here exactly as in the streaming merge.
+    ``threads`` apply here exactly as in the streaming merge. :meth:`apply` can take another
+    kernel for one call (a comparison of kernels on one loaded model).
     """
 
     def __init__(self, model, base_dir: Path, merge) -> None:
@@ -51,7 +52,7 @@ class InMemoryMerger:
         self._check_against_base()
         self._adapted: dict[str, Any] = {}  # name -> CPU snapshot of the adapted value
         self._base: dict[str, Any] = {}  # name -> CPU base tensor in the parameter's dtype
-        self._t: dict[str, float] = dict.fromkeys(self.params, 0.0)
+        self._step: dict[str, TensorStep | None] = dict.fromkeys(self.params)  # None: the adapted value
         self._tmap = TMap()
 
     @property
@@ -106,36 +107,38 @@ class InMemoryMerger:
             self._base[name] = tensor
         return tensor
 
-    def plan(self, tmap: TMap) -> MergePlan:
-        """The merge plan of this model's parameters for ``tmap``."""
-        return MergePlan.build(tmap, self.layer_map, self.params, self.merge)
+    def plan(self, tmap: TMap, merge=None) -> MergePlan:
+        """The merge plan of this model's parameters for ``tmap`` (with ``merge``, else the merger's kernel)."""
+        return MergePlan.build(tmap, self.layer_map, self.params, merge or self.merge)
 
-    def apply(self, tmap: TMap, with_stats: bool = False) -> dict[str, dict[str, Any]]:
+    def apply(self, tmap: TMap, with_stats: bool = False, merge=None) -> dict[str, dict[str, Any]]:
         """Set every parameter to its step of ``tmap``'s plan: ``merge(adapted, base, t)``.
 
-        Only parameters whose ``t`` differs from the current state are recomputed; ``t=0``
-        copies the adapted snapshot back (bit-exact). Returns the stats of the recomputed
-        parameters (``t`` and ``fallback``; ``cos``/``angle``/``rel_change`` too with
-        ``with_stats``).
+        Only parameters whose step (``t``, kernel, kernel parameters) differs from the current
+        state are recomputed; a step that keeps the adapted value copies the snapshot back
+        (bit-exact). Returns the stats of the recomputed parameters (``t`` and ``fallback``;
+        ``cos``/``angle``/``rel_change`` too with ``with_stats``).
         """
         import torch
 
-        plan = self.plan(tmap)
+        plan = self.plan(tmap, merge)
         stats: dict[str, dict[str, Any]] = {}
         with torch.no_grad(), torch_threads(self.merge.threads):
             for name, param in self.params.items():
                 step = plan[name]
-                if step.t == self._t[name]:
+                if step.t == 0.0 and not acts_at_zero(step.kernel, step.params):
+                    step = None
+                if step == self._step[name]:
                     continue
                 adapted = self._adapted_of(name)
-                if step.t == 0.0:
+                if step is None:
                     param.copy_(adapted)
                     st = {"t": 0.0, "fallback": False}
                 else:
                     merged, st = merge_tensor(step.kernel, adapted, self._base_of(name), step.t, name=name,
                                               params=step.params, with_stats=with_stats)
                     param.copy_(merged)
-                self._t[name] = step.t
+                self._step[name] = step
                 stats[name] = st
         self._tmap = tmap
         return stats

@@ -25,11 +25,20 @@ Kernels:
 * ``dare``: ``W = Wb + (1-t) mask * D / density``, ``mask`` Bernoulli(``density``) seeded by
   ``seed`` and the tensor name (deterministic, independent of the tensor order).
 
-For ``ties`` and ``dare``, ``t=0`` still means "do not touch this tensor" (it keeps the
-adapted tensor, untrimmed); the sparsified delta applies to tensors with ``t > 0``.
+* ``dg_hard`` (DG-Hard, SPEC §1.8): ``W = Wb + (1-t) U diag(s [s > tau]) V^T`` from the SVD of a
+  2-D delta, ``tau`` the Gavish–Donoho hard threshold for unknown noise
+  (``omega(beta) * median(s)``): the delta's signal directions are kept, its noise floor dropped.
+  Other tensors (norms, biases) take ``task_arithmetic``.
 
-Each kernel returns ``(merged, stats)``; ``stats`` is :func:`tensor_stats`'s dict plus ``t`` and
-``fallback`` (true when SLERP fell back to linear interpolation).
+For ``ties``, ``dare`` and ``dg_hard``, ``t=0`` still means "do not touch this tensor" (it keeps
+the adapted tensor, untrimmed); the filtered delta applies to tensors with ``t > 0``. The one
+exception is ``dg_hard`` with ``scope="all"``: it filters every tensor's delta, ``t=0`` included
+(DG-Hard on its own, data-free), see :func:`acts_at_zero`.
+
+Each kernel returns ``(merged, info)``; ``info`` holds ``fallback`` (true when SLERP fell back to
+linear interpolation) and kernel-specific fields (``dg_hard``: ``rank_kept`` of ``rank``, both
+``None`` for a tensor that is not a matrix). :func:`merge_tensor` adds them to
+:func:`tensor_stats`'s dict and ``t``.
 """
 
 from __future__ import annotations
@@ -185,24 +194,24 @@ def _delta_merge(wa, wb, scale: float, mask_fn: Callable | None = None, rescale:
 
 
 def slerp(wa, wb, t: float, *, dot_threshold: float | None = None, stats: dict | None = None, out=None, **_):
-    """Spherical interpolation of the flattened tensors (SPEC §1.5). Returns (tensor, fallback)."""
+    """Spherical interpolation of the flattened tensors (SPEC §1.5)."""
     st = stats if stats is not None else tensor_stats(wa, wb)
     cos, angle = st["cos"], st["angle"]
     fallback = cos is None or math.sin(angle) < SIN_EPS
     if not fallback and dot_threshold is not None and abs(cos) > float(dot_threshold):
         fallback = True
     if fallback:
-        return _combine(wa, wb, 1.0 - t, t, out), True
+        return _combine(wa, wb, 1.0 - t, t, out), {"fallback": True}
     s = math.sin(angle)
-    return _combine(wa, wb, math.sin((1.0 - t) * angle) / s, math.sin(t * angle) / s, out), False
+    return _combine(wa, wb, math.sin((1.0 - t) * angle) / s, math.sin(t * angle) / s, out), {"fallback": False}
 
 
 def linear(wa, wb, t: float, *, out=None, **_):
-    return _combine(wa, wb, 1.0 - t, t, out), False
+    return _combine(wa, wb, 1.0 - t, t, out), {"fallback": False}
 
 
 def task_arithmetic(wa, wb, t: float, *, out=None, **_):
-    return _delta_merge(wa, wb, 1.0 - t, out=out), False
+    return _delta_merge(wa, wb, 1.0 - t, out=out), {"fallback": False}
 
 
 def _check_density(density) -> float:
@@ -217,7 +226,7 @@ def ties(wa, wb, t: float, *, density: float = 0.2, out=None, **_):
 
     density = _check_density(density)
     if density >= 1.0:
-        return _delta_merge(wa, wb, 1.0 - t, out=out), False
+        return _delta_merge(wa, wb, 1.0 - t, out=out), {"fallback": False}
     dtype = _compute_dtype(wa)
     delta = (_flat(wa, dtype) - _flat(wb, dtype)).abs_()
     n = delta.numel()
@@ -228,7 +237,7 @@ def ties(wa, wb, t: float, *, density: float = 0.2, out=None, **_):
     def mask(i, j, d):
         return d.abs() >= threshold
 
-    return _delta_merge(wa, wb, 1.0 - t, mask, out=out), False
+    return _delta_merge(wa, wb, 1.0 - t, mask, out=out), {"fallback": False}
 
 
 def dare(wa, wb, t: float, *, density: float = 0.2, seed: int = 0, name: str = "", out=None, **_):
@@ -236,14 +245,44 @@ def dare(wa, wb, t: float, *, density: float = 0.2, seed: int = 0, name: str = "
 
     density = _check_density(density)
     if density >= 1.0:
-        return _delta_merge(wa, wb, 1.0 - t, out=out), False
+        return _delta_merge(wa, wb, 1.0 - t, out=out), {"fallback": False}
     gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
     keep = torch.rand(wa.numel(), generator=gen, dtype=torch.float32) < density
 
     def mask(i, j, d):
         return keep[i:j]
 
-    return _delta_merge(wa, wb, 1.0 - t, mask, rescale=1.0 / density, out=out), False
+    return _delta_merge(wa, wb, 1.0 - t, mask, rescale=1.0 / density, out=out), {"fallback": False}
+
+
+def gavish_donoho_omega(beta: float) -> float:
+    """Gavish & Donoho (2014), eq. (5): the optimal hard threshold is ``omega(beta) * median(s)``
+    for a matrix of aspect ratio ``beta = min(m, n) / max(m, n)`` with unknown noise level."""
+    return 0.56 * beta**3 - 0.95 * beta**2 + 1.82 * beta + 1.43
+
+
+def dg_hard(wa, wb, t: float, *, out=None, **_):
+    """DG-Hard: the CPT delta's singular directions above the Gavish–Donoho threshold, scaled by ``1-t``."""
+    import torch
+
+    if wa.ndim != 2 or min(wa.shape) < 2:
+        return _delta_merge(wa, wb, 1.0 - t, out=out), {"fallback": False, "rank_kept": None, "rank": None}
+    dtype = _compute_dtype(wa)
+    base = wb.to(dtype)
+    delta = wa.to(dtype) - base
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    beta = min(delta.shape) / max(delta.shape)
+    tau = gavish_donoho_omega(beta) * float(s.median())
+    keep = int((s > tau).sum())
+    merged = base if keep == 0 else torch.addmm(base, u[:, :keep] * s[:keep], vh[:keep], alpha=1.0 - t)
+    target = _alloc(wa, out).reshape(wa.shape)
+    target.copy_(merged)
+    return target, {"fallback": False, "rank_kept": keep, "rank": int(s.numel())}
+
+
+def acts_at_zero(kernel: str, params: dict[str, Any] | None) -> bool:
+    """Whether ``kernel`` changes a tensor at ``t=0`` (only ``dg_hard`` with ``scope="all"``)."""
+    return kernel == "dg_hard" and (params or {}).get("scope") == "all"
 
 
 KERNELS: dict[str, Callable] = {
@@ -252,6 +291,7 @@ KERNELS: dict[str, Callable] = {
     "task_arithmetic": task_arithmetic,
     "ties": ties,
     "dare": dare,
+    "dg_hard": dg_hard,
 }
 
 def check_kernel(kernel: str) -> Callable:
@@ -275,7 +315,8 @@ def merge_tensor(
 ):
     """Merge one tensor pair with ``kernel`` at strength ``t``: ``(merged, stats)``.
 
-    ``t=0`` returns ``wa`` itself and ``t=1`` returns ``wb`` (cast to ``wa``'s dtype), bit-exactly.
+    ``t=0`` returns ``wa`` itself and ``t=1`` returns ``wb`` (cast to ``wa``'s dtype), bit-exactly
+    (``t=0`` except where :func:`acts_at_zero`).
     ``stats`` holds ``t``, ``cos``, ``angle``, ``rel_change``, ``fallback``; without
     ``with_stats`` only ``t`` and ``fallback`` (and SLERP still computes what it needs).
     Non-float tensors are never interpolated: they keep ``wa`` unless ``t == 1``.
@@ -301,13 +342,13 @@ def merge_tensor(
         pair_stats = tensor_stats(wa, wb)
     if pair_stats is not None:
         stats.update(pair_stats)
-    if t == 0.0:
+    if t == 0.0 and not acts_at_zero(kernel, params):
         return wa, stats
     if t == 1.0:
         return (wb if wb.dtype == wa.dtype else wb.to(wa.dtype)), stats
     if not wa.is_floating_point():
         return wa, stats
     kwargs = dict(params or {})
-    merged, fallback = fn(wa, wb, t, stats=pair_stats, name=name, out=out, **kwargs)
-    stats["fallback"] = bool(fallback)
+    merged, info = fn(wa, wb, t, stats=pair_stats, name=name, out=out, **kwargs)
+    stats.update(info)
     return merged.reshape(wa.shape), stats

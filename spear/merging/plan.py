@@ -80,6 +80,15 @@ class TMap:
     def max_layer(self) -> int:
         return max((u.layer for u in self.unit_t), default=-1)
 
+    def permuted(self, seed: int, num_layers: int) -> TMap:
+        """The random-placement control of a map that no ranking made: each layer's units moved to a
+        seeded random layer (the permutation :meth:`Ranking.permuted` draws), the same multiset of ``t``."""
+        import random
+
+        target = list(range(num_layers))
+        random.Random(seed).shuffle(target)
+        return TMap({Unit(target[u.layer], u.group): t for u, t in self.unit_t.items()}, self.non_layer_t)
+
     def scaled(self, scale: float) -> TMap:
         """Every unit's ``t`` times ``scale`` (clipped to 1); ``non_layer_t`` unchanged."""
         return TMap({u: min(1.0, t * scale) for u, t in self.unit_t.items()}, self.non_layer_t)

@@ -121,6 +121,7 @@ POLICIES: dict[str, PolicyFn] = {
     "lines": _lines,
     "target_retention": _balanced,  # the full-scale map; spear.merging.target scales it
 }
+FITTED = ("optimized",)  # policies whose t map is fitted on a loaded model (spear.merging.optimize)
 
 
 def _unranked_units(num_layers: int, granularity: str, groups: tuple[str, ...]) -> tuple[Order, Scores]:
@@ -132,6 +133,9 @@ def _unranked_units(num_layers: int, granularity: str, groups: tuple[str, ...]) 
 
 def build_tmap(ranking: Ranking | None, policy, num_layers: int, groups: tuple[str, ...] = GROUPS) -> TMap:
     """The :class:`TMap` of ``policy`` (a validated ``policy`` config) for a ranking of ``num_layers`` layers."""
+    if policy.name in FITTED:
+        raise SpearError(f"policy={policy.name} is fitted on the loaded model (spear.merging.optimize.fit_tmap), not "
+                         "derived from a ranking")
     if ranking is None:
         if policy.name in NEEDS_RANKING:
             raise SpearError(f"policy={policy.name} needs a layer ranking; set ranking=<path to ranking.json>")

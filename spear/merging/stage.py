@@ -6,7 +6,8 @@ give a :class:`~spear.merging.plan.TMap` (:func:`~spear.merging.policies.build_t
 ``merge`` config give each tensor's step (:meth:`~spear.merging.plan.MergePlan.build`), and the
 streaming writer applies them (:func:`~spear.merging.streaming.merge_checkpoints`). Writes into the
 run dir ``model/`` (safetensors shards, config, tokenizer of the adapted model),
-``merge_report.json`` and ``mergekit.yaml`` (an equivalent mergekit config).
+``merge_report.json`` and ``mergekit.yaml`` (an equivalent mergekit config, for every kernel
+mergekit has).
 """
 
 from __future__ import annotations
@@ -51,18 +52,26 @@ def ranking_of(cfg, base_dir: Path, adapted_dir: Path, out_dir: Path) -> tuple[R
 
 
 def restoration(cfg, base_dir: Path, adapted_dir: Path, out_dir: Path, num_layers: int):
-    """(TMap, ranking info, search record or None) of the configured policy."""
+    """(TMap, ranking info, record of how a loaded model found the map: ``{"search": ...}``, ``{"fit": ...}`` or ``{}``)."""
+    from spear.merging.policies import FITTED
+
     ranking, info = ranking_of(cfg, base_dir, adapted_dir, out_dir)
-    tmap = build_tmap(ranking, cfg.policy, num_layers)
-    if cfg.policy.name != "target_retention":
-        return tmap, info, None
-    from spear.merging.target import search_target  # loads a model: only for this policy
+    if cfg.policy.name not in (*FITTED, "target_retention"):
+        return build_tmap(ranking, cfg.policy, num_layers), info, {}
     from spear.models import load_model
 
-    model, tokenizer = load_model(str(adapted_dir), **cfg.model.load_options())
+    model, tokenizer = load_model(str(adapted_dir), **cfg.model.load_options())  # only these policies load a model
     model.to(resolve_device(cfg.device))
-    tmap, search = search_target(tmap, model, tokenizer, base_dir, cfg.policy, cfg.proxy, cfg.merge)
-    return tmap, info, search
+    if cfg.policy.name == "optimized":
+        from spear.merging.optimize import fit_tmap
+
+        tmap, fit = fit_tmap(model, tokenizer, base_dir, cfg.policy, cfg.proxy, cfg.merge, progress=cfg.progress)
+        return tmap, info, {"fit": fit}
+    from spear.merging.target import search_target
+
+    tmap, search = search_target(build_tmap(ranking, cfg.policy, num_layers), model, tokenizer, base_dir, cfg.policy,
+                                 cfg.proxy, cfg.merge)
+    return tmap, info, {"search": search}
 
 
 def run_merge(cfg) -> dict[str, Any]:
@@ -75,7 +84,7 @@ def run_merge(cfg) -> dict[str, Any]:
     base_dir, adapted_dir = model_dirs(cfg)
     adapted_ckpt = Checkpoint(adapted_dir)
     num_layers = layer_map_of_dir_config(adapted_ckpt.config).num_layers
-    tmap, ranking_info, search = restoration(cfg, base_dir, adapted_dir, out_dir, num_layers)
+    tmap, ranking_info, found = restoration(cfg, base_dir, adapted_dir, out_dir, num_layers)
     log.info("merge: policy=%s kernel=%s mean t=%.3f layer t=%s", cfg.policy.name, cfg.merge.name, tmap.mean_t(num_layers),
              [round(tmap.layer_t.get(i, 0.0), 3) for i in range(num_layers)])  # fmt: skip
 
@@ -102,15 +111,15 @@ def run_merge(cfg) -> dict[str, Any]:
         "tokenizer_from": result["tokenizer_from"],
         "fallbacks": sum(1 for s in result["tensors"].values() if s.get("fallback")),
     }
-    if search is not None:
-        report["search"] = search
-    save_run_config(cfg, out_dir)
-    report_path = write_json_atomic(out_dir / "merge_report.json", report)
+    report.update(found)
     out_dtype = adapted_ckpt.dtype(adapted_ckpt.names[0]) if adapted_ckpt.names else "F32"
     mk = mergekit_config(tmap, base=str(base_dir), adapted=str(adapted_dir), num_layers=num_layers,
                          kernel=cfg.merge.name, kernel_params=kernel_params, out_dtype=out_dtype)
-    mk_path = write_mergekit_yaml(out_dir / "mergekit.yaml", mk, kernel=cfg.merge.name,
-                                  dot_threshold=kernel_params.get("dot_threshold"))
+    mk_path = None if mk is None else write_mergekit_yaml(out_dir / "mergekit.yaml", mk, kernel=cfg.merge.name,
+                                                          dot_threshold=kernel_params.get("dot_threshold"))
+    report["mergekit"] = None if mk_path is None else mk_path.name  # null: mergekit has no such kernel
+    save_run_config(cfg, out_dir)
+    report_path = write_json_atomic(out_dir / "merge_report.json", report)  # the completion marker: last
     log.info("merge: wrote %s (%d tensors, %.1f MB) in %.1fs, peak RSS %.0f MB", model_out, len(result["tensors"]),
              result["bytes_written"] / 1e6, report["seconds"], report["peak_rss_bytes"] / 1e6)  # fmt: skip
 
@@ -128,12 +137,12 @@ def run_merge(cfg) -> dict[str, Any]:
         "output_dir": str(out_dir),
         "model_dir": str(model_out),
         "report_path": str(report_path),
-        "mergekit_path": str(mk_path),
+        "mergekit_path": None if mk_path is None else str(mk_path),
         "policy": cfg.policy.name,
         "method": cfg.merge.name,
         "layer_t": report["layer_t"],
         "mean_t": report["mean_t"],
         "seconds": report["seconds"],
         "peak_rss_bytes": report["peak_rss_bytes"],
-        "search": search,
+        **found,
     }

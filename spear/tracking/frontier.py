@@ -8,7 +8,10 @@ attainment surface), are the *front*. A model at ``(d, g)`` has the **frontier a
 * ``domain = d_front(g) - d``: > 0 when it has better domain ability than the front at its general NLL.
 
 A point on the front has advantage 0 on both axes, a dominated point a negative one, and a point that
-dominates every sweep point a positive one. Pure functions over floats.
+dominates every sweep point a positive one. The same is read for every evaluated lm-eval score: a
+general task's score against the sweep's front in (domain NLL, score), a domain task's in (general
+NLL, score), so ``frontier/<task>/<metric>`` is the model's score minus the front's at its matched NLL
+(> 0: better). Pure functions over floats.
 """
 
 from __future__ import annotations
@@ -73,3 +76,25 @@ def add_frontier_advantage(entries: list[dict], points: list[dict[str, float]], 
         adv = frontier_advantage(front, d, g)
         entry["metrics"]["frontier/general"] = adv["general"]
         entry["metrics"]["frontier/domain"] = adv["domain"]
+
+
+def add_score_advantage(entries: list[dict], results_by_t: dict[float, dict], tasks_by_role: dict[str, Sequence[str]],
+                        general: str, domain: str) -> None:
+    """Give each model row ``metrics["frontier/<task>/<metric>"]`` for every primary lm-eval score of a general
+    task (matched at the row's domain NLL) or a domain task (matched at its general NLL)."""
+    matched_on = {"general": domain, "domain": general}
+    for role, tasks in tasks_by_role.items():
+        other = matched_on[role]
+        keys = sorted({k for e in entries for k in e["metrics"]
+                       if k.split("/", 1)[0] in tasks and not k.endswith("_stderr") and not k.startswith("frontier/")})
+        for key in keys:
+            task, metric = key.split("/", 1)
+            points = [(r["nll"][other], -r["tasks"][task][metric]) for r in results_by_t.values()
+                      if r.get("tasks", {}).get(task, {}).get(metric) is not None]
+            if not points:
+                continue
+            front = pareto_front(points)
+            for entry in entries:
+                x, score = entry["metrics"].get(f"nll/{other}"), entry["metrics"].get(key)
+                if x is not None and score is not None:
+                    entry["metrics"][f"frontier/{key}"] = score + front_general(front, x)

@@ -232,8 +232,15 @@ def frontier_section(summary: dict[str, Any]) -> list[str]:
     ]
     for e in rows:
         g, d = e["frontier_advantage"]["general"], e["frontier_advantage"]["domain"]
-        lines.append(f"- `{e['name']}`: general {_signed(g)} ({_verdict(g)}); domain {_signed(d)} ({_verdict(d)}).")
+        scores = [f"{k.removeprefix('frontier/')} {_signed(_with_ci(e, k))}" for k in sorted(e["metrics"])
+                  if k.startswith("frontier/") and k not in FRONTIER_COLUMNS]
+        tail = f" Scores against their front: {', '.join(scores)}." if scores else ""
+        lines.append(f"- `{e['name']}`: general {_signed(g)} ({_verdict(g)}); domain {_signed(d)} ({_verdict(d)}).{tail}")
     return [*lines, ""]
+
+
+def _with_ci(entry: dict[str, Any], key: str) -> dict[str, Any]:
+    return {"mean": entry["metrics"].get(key), "ci95": entry.get("ci95", {}).get(key)}
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
