@@ -486,3 +486,30 @@ def test_cli_error_is_one_line(pair, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error:")
     assert "Traceback" not in proc.stderr
+
+
+def test_a_merged_model_carries_its_model_card(pair, tmp_path, compose):
+    """model/README.md: hub front matter, the restoration table of the report, the weights' digests, the config."""
+    from spear.io.hashing import file_sha256
+    from spear.merging.stage import run_merge
+    from spear.models.card import front_matter
+
+    base, adapted = pair
+    (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n# the base\n")
+    try:
+        cfg = compose("merge", [f"base={base}", f"adapted={adapted}", f"ranking={write_ranking(tmp_path / 'r.json')}",
+                                "progress=false"])
+        run_dir = Path(run_merge(cfg)["output_dir"])
+    finally:
+        (base / "README.md").unlink()
+    card = (run_dir / "model" / "README.md").read_text()
+    meta = front_matter(run_dir / "model" / "README.md")
+    assert meta == {"base_model": str(base.resolve()), "library_name": "transformers", "tags": ["spear-mm", "merge"],
+                    "license": "apache-2.0"}
+    report = json.loads((run_dir / "merge_report.json").read_text())
+    assert report["card"] == "model/README.md"
+    for layer, t in report["layer_t"].items():
+        assert f"| {layer} | {t:.3f} |" in card
+    assert file_sha256(run_dir / "model" / "model.safetensors") in card
+    assert file_sha256(adapted / "model.safetensors") in card and file_sha256(base / "model.safetensors") in card
+    assert "policy: `balanced`" in card and "\n  name: balanced\n" in card  # the table and the saved config

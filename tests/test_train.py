@@ -100,6 +100,20 @@ def test_ranked_freeze_keeps_frozen_layers_bit_identical(compose, tmp_path, tiny
     assert (out / "model" / "tokenizer.json").exists()
 
 
+def test_a_trained_model_carries_its_model_card(compose, tmp_path, tiny_llama_dir, corpus):
+    from spear.cpt.stage import run_train
+    from spear.io.hashing import file_sha256
+    from spear.models.card import front_matter
+
+    summary = run_train(_cfg(compose, tmp_path, tiny_llama_dir, corpus, "freeze=layers", "freeze.layers=[0,2]"))
+    card_path = Path(summary["model_dir"]) / "README.md"
+    meta = front_matter(card_path)
+    assert meta["tags"] == ["spear-mm", "continual-pretraining"] and meta["base_model"] == str(tiny_llama_dir.resolve())
+    card = card_path.read_text()
+    assert "frozen decoder layers: [0, 2]" in card and f"steps: {summary['steps']}" in card
+    assert file_sha256(Path(summary["model_dir"]) / "model.safetensors") in card
+
+
 def test_optimizer_gets_trainable_parameters_only(tiny_llama_dir):
     from spear.config.schema import FreezeConfig, OptimConfig
     from spear.cpt.freeze import apply_freeze, plan_for_model

@@ -39,6 +39,7 @@ from spear.data.datamodule import SpearDataModule
 from spear.errors import SpearError
 from spear.io.atomic import check_completed, check_output_free, write_json_atomic, write_text_atomic
 from spear.models import layer_map_for, load_model, resolve_model_dir
+from spear.models.card import write_train_card
 from spear.models.loading import torch_dtype
 from spear.runtime import peak_rss_bytes
 from spear.tracking import build_logger, finish_logger
@@ -200,7 +201,8 @@ def run_train(cfg) -> dict[str, Any]:
         "config_sha256": hashlib.sha256(config_yaml.encode()).hexdigest(),
         "seed": cfg.seed,
     }
-    write_json_atomic(out_dir / SUMMARY, summary)
+    write_train_card(model_out, summary, base_dir, config_yaml)
+    write_json_atomic(out_dir / SUMMARY, summary)  # the completion marker: last
     finish_logger(trainer.logger)
     if world > 1:
         trainer.strategy.barrier("spear-export-done")

@@ -26,6 +26,7 @@ from spear.io.reader import Checkpoint
 from spear.merging.exports import mergekit_config, write_mergekit_yaml
 from spear.merging.policies import build_tmap
 from spear.merging.streaming import layer_map_of_dir_config, merge_checkpoints
+from spear.models.card import write_merge_card
 from spear.runtime import peak_rss_bytes, resolve_device
 from spear.tracking import start_tracker
 
@@ -118,7 +119,8 @@ def run_merge(cfg) -> dict[str, Any]:
     mk_path = None if mk is None else write_mergekit_yaml(out_dir / "mergekit.yaml", mk, kernel=cfg.merge.name,
                                                           dot_threshold=kernel_params.get("dot_threshold"))
     report["mergekit"] = None if mk_path is None else mk_path.name  # null: mergekit has no such kernel
-    save_run_config(cfg, out_dir)
+    config_yaml = save_run_config(cfg, out_dir)
+    report["card"] = str(write_merge_card(model_out, report, base_dir, adapted_dir, config_yaml).relative_to(out_dir))
     report_path = write_json_atomic(out_dir / "merge_report.json", report)  # the completion marker: last
     log.info("merge: wrote %s (%d tensors, %.1f MB) in %.1fs, peak RSS %.0f MB", model_out, len(result["tensors"]),
              result["bytes_written"] / 1e6, report["seconds"], report["peak_rss_bytes"] / 1e6)  # fmt: skip
