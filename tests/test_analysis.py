@@ -121,18 +121,26 @@ def test_outputs_follow_the_contract(compose, pair, tmp_path):
     assert (out / "layer_scores.png").stat().st_size > 1000
     timing = json.loads((out / "timing.json").read_text())
     assert timing["matrices"] == 28 and timing["peak_rss_bytes"] > 0
-    # unfrozen_parameters: the layers outside the top-2 (= the unperturbed ones), anchored regexes
+    # the freeze exports round-trip: each one's trainable set on the model is what spear.train would train
     import yaml
+    from transformers import AutoModelForCausalLM
 
+    from spear.config.schema import FreezeConfig
+    from spear.cpt.freeze import plan_for_model
+    from spear.models import layer_map_for
+
+    model = AutoModelForCausalLM.from_pretrained(str(pair[0]))
+    names = [n for n, _ in model.named_parameters()]
+    spear_plan = plan_for_model(FreezeConfig(mode="ranked", k=2), model, layer_map_for(model.config),
+                                ranking=ranking["order"])
+    assert set(spear_plan.frozen_layers) == set(PERTURBED)
     regexes = yaml.safe_load((out / "unfrozen_parameters.yaml").read_text())["unfrozen_parameters"]
-    assert len(regexes) == 2 and all(r.startswith("^") and r.endswith("$") for r in regexes)
-    matched = {int(m.group(1)) for rx in regexes for n in _matrix_names() if re.match(rx, n) for m in [re.search(r"layers\.(\d+)\.", n)]}
-    assert matched == {0, 1, 2, 3} - set(PERTURBED)
-
-
-def _matrix_names():
-    mods = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-    return [f"model.layers.{i}.{m}.weight" for i in range(4) for m in mods]
+    assert all(r.startswith("^") and r.endswith("$") for r in regexes)
+    assert {n for n in names if any(re.match(rx, n) for rx in regexes)} == set(spear_plan.trainable_params)
+    listed = (out / "trainable_parameters.txt").read_text().split()
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in listed)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(spear_plan.trainable_params)
 
 
 def test_same_inputs_give_bit_identical_ranking(compose, pair, tmp_path):

@@ -1,4 +1,5 @@
-"""Exports of an analysis for other tools: metrics.csv and an axolotl ``unfrozen_parameters`` YAML."""
+"""Exports of an analysis for other tools: metrics.csv, and the freeze mask of the top layers as an axolotl
+``unfrozen_parameters`` YAML and a plain parameter-name list."""
 
 from __future__ import annotations
 
@@ -25,27 +26,43 @@ def write_metrics_csv(table: MatrixTable, path: Path) -> Path:
     return write_text_atomic(path, metrics_csv_text(table))
 
 
-def unfrozen_parameters_yaml(ranking: dict[str, Any], layer_map, k: int, extra: list[str] | None = None) -> str:
-    """Axolotl-style ``unfrozen_parameters``: anchored regexes of the layers NOT in the top-``k``.
+def protect_top_k(ranking: dict[str, Any], layer_map, names: list[str], k: int):
+    """The freeze plan of the next CPT that protects the ranking's top-``k`` layers: exactly what
+    ``spear.train freeze=ranked freeze.k=k freeze.ranking=<ranking.json>`` trains (:mod:`spear.cpt.freeze`)."""
+    from spear.config.schema import FreezeConfig
+    from spear.cpt.freeze import plan_freeze
 
-    The top-``k`` layers of the ranking are the ones to protect (freeze, or restore post hoc);
-    every other decoder layer's projection matrices stay trainable. ``extra`` regexes (e.g.
-    ``^lm_head\\.weight$``) are appended as given.
+    k = max(0, min(int(k), len(ranking["order"])))
+    return plan_freeze(FreezeConfig(mode="ranked", k=k), layer_map, names, ranking=list(ranking["order"]),
+                       ranking_source="ranking.json")
+
+
+def unfrozen_parameters_yaml(ranking: dict[str, Any], plan, layer_map, extra: list[str] | None = None) -> str:
+    """Axolotl's ``unfrozen_parameters`` for ``plan``: anchored regexes whose matches are its trainable set.
+
+    A trainable decoder layer is one regex for all its parameters; every other trainable parameter
+    (embeddings, final norm) is its own anchored name. ``extra`` regexes are appended as given.
     """
-    order = list(ranking["order"])
-    k = max(0, min(int(k), len(order)))
-    protected = sorted(order[:k])
-    trainable = sorted(order[k:])
+    import re
+
+    trainable = set(plan.trainable_params)
+    layers = sorted({layer_map.layer_of(n) for n in trainable} - {None})
+    whole = [layer for layer in layers if all(n in trainable for n in plan.frozen_params + plan.trainable_params
+                                              if layer_map.layer_of(n) == layer)]
+    patterns = [rf"^{layer_map.layers_prefix}{layer}\..+$" for layer in whole]
+    patterns += [f"^{re.escape(n)}$" for n in plan.trainable_params if layer_map.layer_of(n) not in whole]
     lines = [
-        "# spear-mm analyze: decoder layers to keep training, for trainers that take regexes",
-        f"# (axolotl `unfrozen_parameters`). Impact: {ranking['impact']['name']}; protected (frozen) top-{k}:",
-        f"# {protected}",
+        "# spear-mm analyze: what the next CPT trains when the ranking's top layers are protected, for trainers",
+        f"# that take regexes (axolotl `unfrozen_parameters`). Impact: {ranking['impact']['name']}; frozen layers:",
+        f"# {list(plan.frozen_layers)} (= spear.train freeze=ranked freeze.k={len(plan.frozen_layers)})",
         "unfrozen_parameters:",
     ]
-    for layer in trainable:
-        lines.append(f"  - '{layer_map.matrix_regex(layer)}'")
-    for rx in extra or []:
-        lines.append("  - '" + str(rx).replace("'", "''") + "'")
+    lines += ["  - '" + str(rx).replace("'", "''") + "'" for rx in [*patterns, *(extra or [])]]
     if len(lines) == 4:
         lines[-1] = "unfrozen_parameters: []"
     return "\n".join(lines) + "\n"
+
+
+def trainable_parameters_txt(plan) -> str:
+    """One trainable parameter name per line (``requires_grad_`` in plain PyTorch / HF Trainer code)."""
+    return "".join(f"{name}\n" for name in plan.trainable_params)

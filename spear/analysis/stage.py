@@ -3,7 +3,8 @@
 Streams ``base`` and ``adapted`` tensor pairs (same-shape batches, never two whole models),
 computes each matrix's spectra once and every metric from them, turns them into layer scores
 (``impact``), and writes ``ranking.json``, ``metrics.csv``, ``layer_scores.png``,
-``unfrozen_parameters.yaml`` and ``timing.json`` (wall-clock and memory; kept out of ranking.json
+``unfrozen_parameters.yaml`` and ``trainable_parameters.txt`` (the freeze mask of the top ``unfrozen_k``
+layers for other trainers), ``timing.json`` (wall-clock and memory; kept out of ranking.json
 so that the ranking is bit-identical for the same inputs). :func:`rank_pair` is the same ranking
 for the merge stage when it is given none.
 """
@@ -106,7 +107,12 @@ def rank_pair(cfg, base_dir: Path, adapted_dir: Path) -> Ranking:
 
 def run_analyze(cfg) -> dict[str, Any]:
     """Rank ``adapted`` against ``base`` and write the analysis outputs into the run dir."""
-    from spear.analysis.exports import unfrozen_parameters_yaml, write_metrics_csv
+    from spear.analysis.exports import (
+        protect_top_k,
+        trainable_parameters_txt,
+        unfrozen_parameters_yaml,
+        write_metrics_csv,
+    )
     from spear.analysis.plots import plot_layer_scores
     from spear.config import save_run_config
     from spear.io.atomic import write_json_atomic, write_text_atomic
@@ -147,8 +153,10 @@ def run_analyze(cfg) -> dict[str, Any]:
     save_run_config(cfg, out_dir)
     ranking_path = ranking.save(out_dir / "ranking.json")
     csv_path = write_metrics_csv(table, out_dir / "metrics.csv")
+    mask = protect_top_k(doc, layer_map, reader.base.names, cfg.unfrozen_k)
     unfrozen_path = write_text_atomic(out_dir / "unfrozen_parameters.yaml",
-                                      unfrozen_parameters_yaml(doc, layer_map, cfg.unfrozen_k, list(cfg.unfrozen_extra)))
+                                      unfrozen_parameters_yaml(doc, mask, layer_map, list(cfg.unfrozen_extra)))
+    write_text_atomic(out_dir / "trainable_parameters.txt", trainable_parameters_txt(mask))
     png_path = plot_layer_scores(table, doc, out_dir / "layer_scores.png")
     timing["outputs"] = time.perf_counter() - t
     timing["total"] = time.perf_counter() - t0

@@ -50,7 +50,7 @@ class Progress(Node):
 
 
 class Unfrozen(Node):
-    unfrozen_k: int = knob(8, "top-k layers protected: unfrozen_parameters.yaml lists all the others", ge=0)
+    unfrozen_k: int = knob(8, "top-k layers protected (frozen by the next CPT): unfrozen_parameters.yaml (axolotl) and trainable_parameters.txt list what trains", ge=0)
     unfrozen_extra: list[str] = knob([], "extra regexes appended to unfrozen_parameters.yaml, e.g. ['^lm_head\\.weight$']")
 
 
