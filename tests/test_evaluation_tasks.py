@@ -95,3 +95,31 @@ def test_quick_suite_on_smollm2(compose, tmp_path):
         assert 1.0 < results["perplexity"][corpus] < 1000.0
         assert results["tokens"][corpus] > 1000
     assert (tmp_path / "quick" / "results.json").is_file() and (tmp_path / "quick" / "results.md").is_file()
+
+
+CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_chat_template_reaches_lm_eval_prompts_and_is_refused_where_there_is_none():
+    reason = _asset_missing("eval_data")
+    if reason:
+        pytest.skip(reason)
+    from spear.config.schema import EvalConfig
+    from spear.errors import SpearError
+    from spear.evaluation.harness import run_lm_eval, uses_chat_template
+    from spear.models.tiny import build_tiny
+
+    model, tokenizer = build_tiny("tiny_llama")
+    suite = {"tasks": ["spear_arc_easy"], "limit": 2, "batch_size": 4, "max_length": 256, "log_samples": True}
+    with pytest.raises(SpearError, match="eval.chat_template=on but the tokenizer of tiny has no chat template"):
+        uses_chat_template(EvalConfig(**suite, chat_template="on"), tokenizer, "tiny")
+    assert uses_chat_template(EvalConfig(**suite, chat_template="auto"), tokenizer) is False
+    tokenizer.chat_template = CHAT
+    cfg = EvalConfig(**suite, chat_template="auto")
+    chat = uses_chat_template(cfg, tokenizer)
+    prompts = {}
+    for use in (False, chat):
+        raw = run_lm_eval(model, tokenizer, cfg, use)
+        prompts[use] = raw["samples"]["spear_arc_easy"][0]["arguments"][0][0]
+    assert chat is True and prompts[True].startswith("<|user|>") and "<|user|>" not in prompts[False]

@@ -340,6 +340,9 @@ class EvalConfig(Node):
     bootstrap_iters: int = knob(0, "lm-eval stderr bootstrap iterations; 0 = no stderr (fast)", ge=0)
     log_samples: bool = knob(False, "keep per-example outputs in lm-eval's result")
     gen_kwargs: dict[str, Any] | None = knob(None, "overrides of generative tasks' settings, e.g. {max_gen_toks: 128}")
+    chat_template: Literal["off", "on", "auto"] = knob(
+        "off", "lm-eval prompts in the tokenizer's chat template: off | on (an error without one) | auto (when it has one)")
+    fewshot_as_multiturn: bool = knob(False, "with the chat template: few-shot examples as earlier turns")
     seeds: EvalSeeds = knob(EvalSeeds(), "lm-eval's seeds")
     primary_metrics: list[str] = knob(
         ["acc", "acc_norm", "exact_match,flexible-extract", "exact_match,strict-match", "exact_match", "bits_per_byte"],

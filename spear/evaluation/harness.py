@@ -114,7 +114,18 @@ def _batch_size(eval_cfg, device) -> int | str:
     return eval_cfg.batch_size
 
 
-def run_lm_eval(model, tokenizer, eval_cfg) -> dict[str, Any] | None:
+def uses_chat_template(eval_cfg, tokenizer, name: str = "the model") -> bool:
+    """Whether lm-eval prompts go through the tokenizer's chat template (``eval.chat_template``)."""
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if eval_cfg.chat_template == "on" and not has:
+        raise SpearError(f"eval.chat_template=on but the tokenizer of {name} has no chat template; "
+                         "set eval.chat_template=auto (use it where there is one) or off")
+    if eval_cfg.fewshot_as_multiturn and not (eval_cfg.chat_template == "on" or has and eval_cfg.chat_template == "auto"):
+        raise SpearError("eval.fewshot_as_multiturn=true needs the chat template; set eval.chat_template=on or auto")
+    return eval_cfg.chat_template == "on" or (eval_cfg.chat_template == "auto" and has)
+
+
+def run_lm_eval(model, tokenizer, eval_cfg, chat: bool = False) -> dict[str, Any] | None:
     """lm-eval's ``simple_evaluate`` on the suite's tasks with per-task limits; the raw result dict."""
     names = list(eval_cfg.tasks)
     if not names:
@@ -172,6 +183,8 @@ def run_lm_eval(model, tokenizer, eval_cfg) -> dict[str, Any] | None:
             bootstrap_iters=eval_cfg.bootstrap_iters,
             gen_kwargs=eval_cfg.gen_kwargs or None,
             log_samples=eval_cfg.log_samples,
+            apply_chat_template=chat,
+            fewshot_as_multiturn=chat and eval_cfg.fewshot_as_multiturn,
             random_seed=eval_cfg.seeds.random,
             numpy_random_seed=eval_cfg.seeds.numpy,
             torch_random_seed=eval_cfg.seeds.torch,
@@ -273,7 +286,8 @@ def check_suite(eval_cfg, proxy) -> None:
 
 def suite_settings(eval_cfg, proxy) -> dict[str, Any]:
     """What results.json records of the suite (enough to tell whether two results are comparable)."""
-    keys = ("name", "tasks", "limit", "limits", "num_fewshot", "bootstrap_iters", "general_tasks", "domain_tasks")
+    keys = ("name", "tasks", "limit", "limits", "num_fewshot", "bootstrap_iters", "general_tasks", "domain_tasks",
+            "chat_template", "fewshot_as_multiturn")
     return {**eval_cfg.model_dump(include=set(keys)), "perplexity": proxy.model_dump()}
 
 
@@ -308,8 +322,10 @@ def evaluate_model(
         "settings": suite_settings(eval_cfg, proxy),
         "seconds": {},
     }
+    chat = uses_chat_template(eval_cfg, tokenizer, str(name)) if eval_cfg.tasks else False
+    results["chat_template"] = chat
     start = time.perf_counter()
-    raw = run_lm_eval(model, tokenizer, eval_cfg)
+    raw = run_lm_eval(model, tokenizer, eval_cfg, chat)
     results["seconds"]["lm_eval"] = round(time.perf_counter() - start, 3)
     if raw is not None:
         results.update(summarize_lm_eval(raw, list(eval_cfg.tasks), eval_cfg))
