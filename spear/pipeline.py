@@ -175,10 +175,12 @@ class PipelineState:
         """Evaluation results for the model ``produce()`` returns, reused when ``key_parts`` match;
         its cost is accounted as ``stage`` (with the merge's preparation time when ``with_prep``)."""
         from spear.evaluation.harness import evaluate_model
-        from spear.io.artifacts import content_key
+        from spear.io.artifacts import content_key, fingerprint_path
 
         cfg = self.cfg
-        key = content_key(cfg.eval.model_dump(mode="json"), cfg.proxy.model_dump(mode="json"), *key_parts)
+        files = [fingerprint_path(Path(c.path).expanduser()) for c in cfg.eval.custom]  # an edited benchmark is re-run
+        key = content_key(cfg.eval.model_dump(mode="json"), cfg.proxy.model_dump(mode="json"), *key_parts,
+                          *([files] if files else []))
         with self.cache.claim("evaluate", key):
             record = self.cache.lookup("evaluate", key)
             reused = record is not None

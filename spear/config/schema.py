@@ -327,6 +327,17 @@ class EvalSeeds(Node):
     fewshot: int = knob(1234, "lm-eval's few-shot sampling seed")
 
 
+class CustomTask(Node):
+    """A benchmark of your own from a file (spear.evaluation.custom)."""
+
+    name: str = knob("custom", "its name in results.json", pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
+    path: str = knob("", "a JSONL or CSV file (perplexity: also a .txt file)", min_length=1)
+    kind: Literal["multiple_choice", "generate", "perplexity"] = knob(
+        "multiple_choice", "multiple_choice: question, choices, answer | generate: question, answer | perplexity: text")
+    role: Literal["general", "domain"] = knob("domain", "enters general retention or domain-gain preservation")
+    max_new_tokens: int = knob(32, "generate: at most this many greedy tokens, up to the first newline", ge=1)
+
+
 class EvalConfig(Node):
     name: str = knob("quick", "the suite's name (recorded in results.json)")
     tasks: list[str] = knob([], "lm-eval task/group names: spear_* local tasks or any lm-eval task")
@@ -343,6 +354,7 @@ class EvalConfig(Node):
     chat_template: Literal["off", "on", "auto"] = knob(
         "off", "lm-eval prompts in the tokenizer's chat template: off | on (an error without one) | auto (when it has one)")
     fewshot_as_multiturn: bool = knob(False, "with the chat template: few-shot examples as earlier turns")
+    custom: list[CustomTask] = knob([], "your own benchmarks from files: [{name, path, kind, role}]")
     seeds: EvalSeeds = knob(EvalSeeds(), "lm-eval's seeds")
     primary_metrics: list[str] = knob(
         ["acc", "acc_norm", "exact_match,flexible-extract", "exact_match,strict-match", "exact_match", "bits_per_byte"],
@@ -357,6 +369,10 @@ class EvalConfig(Node):
     def _lists(self) -> EvalConfig:
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"eval.tasks lists a task twice: {self.tasks}")
+        names = [c.name for c in self.custom]
+        clash = sorted({n for n in names if names.count(n) > 1 or n in self.tasks})
+        if clash:
+            raise ValueError(f"eval.custom: the name {clash[0]!r} is used twice (or by eval.tasks); give each benchmark its own name")
         for key in ("general_tasks", "domain_tasks"):
             extra = [t for t in getattr(self, key) if t not in self.tasks]
             if extra:

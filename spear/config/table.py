@@ -12,6 +12,7 @@ import json
 import re
 import sys
 import types
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -64,6 +65,9 @@ def _rows(model: type[BaseModel] | BaseModel, prefix: str) -> Iterator[str]:
             continue
         help_text = (field.description or "").replace("|", "\\|")
         yield f"| `{prefix}{name}` | {_type(field.annotation).replace('|', '/')} | {_value(default)} | {help_text} |"
+        item = typing.get_args(field.annotation)
+        if typing.get_origin(field.annotation) is list and item and isinstance(item[0], type) and issubclass(item[0], Node):
+            yield from _rows(item[0], f"{prefix}{name}[].")  # the fields of each list entry
 
 
 HEADER = "| key | type | default | what it does |\n|---|---|---|---|"

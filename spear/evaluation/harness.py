@@ -22,12 +22,14 @@ import difflib
 import functools
 import logging
 import math
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from spear.errors import SpearError
+from spear.evaluation.custom import ACCURACY_KINDS, describe, load_docs, write_tasks
 from spear.evaluation.proxy import ProxyEvaluator
 from spear.evaluation.retention import LOWER_IS_BETTER
 
@@ -35,6 +37,10 @@ log = logging.getLogger(__name__)
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 LOCAL_PREFIX = "spear_"
+
+
+# the primary metric of a custom benchmark (its task's metric and filter, in results.json spelling)
+CUSTOM_METRIC = {"multiple_choice": "acc", "generate": "exact_match,normalised"}
 
 
 # ----------------------------------------------------------------------------- task resolution
@@ -72,18 +78,25 @@ def local_task_names() -> list[str]:
     return [n for n in tm.all_tasks if n not in members and n not in tm.all_tags]
 
 
-def task_manager(names: Iterable[str]):
-    """A TaskManager that knows every name (lm-eval's own index only when a name needs it).
+def task_manager(names: Iterable[str], include: Path | None = None):
+    """A TaskManager that knows every name (lm-eval's own index only when a name needs it; ``include``:
+    one more folder of task YAML, the generated custom benchmarks).
 
     An unknown name is a SpearError listing close matches.
     """
+    from lm_eval.tasks import TaskManager
+
     names = list(names)
-    local = _task_manager(False)
+    paths = [str(TASKS_DIR)] + ([str(include)] if include is not None else [])
+    local = _task_manager(False) if include is None else TaskManager(include_path=paths, include_defaults=False)
     missing = [n for n in names if n not in local.all_tasks]
     if not missing:
         return local
     # a misspelt spear_* name needs no scan of lm-eval's ~15k task configs
-    index = local if all(n.startswith(LOCAL_PREFIX) for n in missing) else _task_manager(True)
+    if all(n.startswith(LOCAL_PREFIX) for n in missing):
+        index = local
+    else:
+        index = _task_manager(True) if include is None else TaskManager(include_path=paths, include_defaults=True)
     unknown = [n for n in names if n not in index.all_tasks]
     if unknown:
         hints = []
@@ -125,8 +138,9 @@ def uses_chat_template(eval_cfg, tokenizer, name: str = "the model") -> bool:
     return eval_cfg.chat_template == "on" or (eval_cfg.chat_template == "auto" and has)
 
 
-def run_lm_eval(model, tokenizer, eval_cfg, chat: bool = False) -> dict[str, Any] | None:
-    """lm-eval's ``simple_evaluate`` on the suite's tasks with per-task limits; the raw result dict."""
+def run_lm_eval(model, tokenizer, eval_cfg, chat: bool = False, include: Path | None = None) -> dict[str, Any] | None:
+    """lm-eval's ``simple_evaluate`` on the suite's tasks with per-task limits; the raw result dict
+    (``include``: the folder of generated custom tasks)."""
     names = list(eval_cfg.tasks)
     if not names:
         return None
@@ -135,7 +149,7 @@ def run_lm_eval(model, tokenizer, eval_cfg, chat: bool = False) -> dict[str, Any
     from lm_eval.api.group import Group
     from lm_eval.models.huggingface import HFLM
 
-    tm = task_manager(names)
+    tm = task_manager(names, include)
     limits = eval_cfg.limits
     default_limit = eval_cfg.limit
     fewshot = eval_cfg.num_fewshot
@@ -281,7 +295,23 @@ def check_suite(eval_cfg, proxy) -> None:
     """Fail before any evaluation: every task name exists and every proxy corpus is readable."""
     if eval_cfg.tasks:
         task_manager(eval_cfg.tasks)  # unknown names: SpearError with close matches
+    for entry in eval_cfg.custom:
+        load_docs(entry)  # a bad file: SpearError naming the line and the field
     ProxyEvaluator.check(proxy)
+
+
+def with_custom(eval_cfg):
+    """The suite with its own accuracy benchmarks (``eval.custom``) as lm-eval tasks of their role."""
+    extra = [c for c in eval_cfg.custom if c.kind in ACCURACY_KINDS]
+    if not extra:
+        return eval_cfg
+    return eval_cfg.replace(
+        custom=[],
+        tasks=[*eval_cfg.tasks, *(c.name for c in extra)],
+        general_tasks=[*eval_cfg.general_tasks, *(c.name for c in extra if c.role == "general")],
+        domain_tasks=[*eval_cfg.domain_tasks, *(c.name for c in extra if c.role == "domain")],
+        primary_metric={**eval_cfg.primary_metric, **{c.name: CUSTOM_METRIC[c.kind] for c in extra}},
+    )
 
 
 def suite_settings(eval_cfg, proxy) -> dict[str, Any]:
@@ -322,13 +352,17 @@ def evaluate_model(
         "settings": suite_settings(eval_cfg, proxy),
         "seconds": {},
     }
-    chat = uses_chat_template(eval_cfg, tokenizer, str(name)) if eval_cfg.tasks else False
+    results["custom"] = {entry.name: describe(entry) for entry in eval_cfg.custom}
+    suite = with_custom(eval_cfg)
+    chat = uses_chat_template(suite, tokenizer, str(name)) if suite.tasks else False
     results["chat_template"] = chat
     start = time.perf_counter()
-    raw = run_lm_eval(model, tokenizer, eval_cfg, chat)
+    with tempfile.TemporaryDirectory(prefix="spear-custom-tasks-") as folder:
+        include = Path(folder) if write_tasks(eval_cfg.custom, Path(folder)) else None
+        raw = run_lm_eval(model, tokenizer, suite, chat, include)
     results["seconds"]["lm_eval"] = round(time.perf_counter() - start, 3)
     if raw is not None:
-        results.update(summarize_lm_eval(raw, list(eval_cfg.tasks), eval_cfg))
+        results.update(summarize_lm_eval(raw, list(suite.tasks), suite))
         if lm_eval_callback is not None:
             lm_eval_callback(raw)
     start = time.perf_counter()
@@ -338,5 +372,22 @@ def evaluate_model(
         results["tokens"][value["name"]] = value["tokens"]
         log.info("proxy %s (%s): ppl %.3f, nll %.4f, %d tokens, %.1fs", role, value["name"], value["ppl"] or math.inf,
                  value["nll"], value["tokens"], value["seconds"])
+    for entry in (c for c in eval_cfg.custom if c.kind == "perplexity"):
+        value = custom_nll(model, tokenizer, entry, proxy)
+        results["perplexity"][entry.name], results["nll"][entry.name] = value["ppl"], value["nll"]
+        results["tokens"][entry.name] = value["tokens"]
+        log.info("custom %s (%s): ppl %.3f, nll %.4f, %d tokens", entry.name, entry.role, value["ppl"] or math.inf,
+                 value["nll"], value["tokens"])
     results["seconds"]["perplexity"] = round(time.perf_counter() - start, 3)
     return results
+
+
+def custom_nll(model, tokenizer, entry, proxy) -> dict[str, Any]:
+    """Mean NLL per token of a perplexity benchmark's documents, with the proxy's windows."""
+    from spear.evaluation.perplexity import corpus_nll_from_ids, tokenize_corpus
+
+    ids = tokenize_corpus(tokenizer, "\n\n".join(d["text"] for d in load_docs(entry)))
+    value = corpus_nll_from_ids(model, ids, max_length=proxy.max_length, stride=proxy.stride, batch_size=proxy.batch_size)
+    if not math.isfinite(value["nll"]):
+        raise SpearError(f"the model gives a non-finite NLL on eval.custom {entry.name!r}; check its weights")
+    return value

@@ -204,10 +204,16 @@ def compute_retention(
 def retention_from_suite(model: Mapping[str, Any], base: Mapping[str, Any], adapted: Mapping[str, Any] | None,
                          eval_cfg, proxy) -> dict[str, Any]:
     """:func:`compute_retention` as a suite defines it: its general/domain tasks, the proxy's
-    general/domain corpora, and its ``min_domain_gain``."""
+    general/domain corpora, its own benchmarks (``eval.custom``, by ``role``) and its ``min_domain_gain``."""
+
+    def custom(role: str, nll: bool) -> list[str]:
+        return [c.name for c in eval_cfg.custom if c.role == role and (c.kind == "perplexity") == nll]
+
     return compute_retention(
         model, base, adapted,
-        general_tasks=list(eval_cfg.general_tasks), domain_tasks=list(eval_cfg.domain_tasks),
-        general_corpora=[proxy.general.name], domain_corpora=[proxy.domain.name],
+        general_tasks=[*eval_cfg.general_tasks, *custom("general", False)],
+        domain_tasks=[*eval_cfg.domain_tasks, *custom("domain", False)],
+        general_corpora=[proxy.general.name, *custom("general", True)],
+        domain_corpora=[proxy.domain.name, *custom("domain", True)],
         min_domain_gain=eval_cfg.min_domain_gain,
     )

@@ -1,0 +1,191 @@
+"""Your own benchmark from a file (``eval.custom``): no lm-eval YAML to write.
+
+An entry ``{name, path, kind, role}`` names a JSONL or CSV file:
+
+* ``multiple_choice``: ``question``, ``choices`` (a list; in CSV a JSON list, or columns ``A``, ``B``, ...),
+  ``answer`` (0-based index or letter), optional ``context``. Scored like ARC: ``acc`` and ``acc_norm``.
+* ``generate``: ``question``, ``answer`` (the gold text), optional ``context``. Greedy generation of at
+  most ``max_new_tokens`` up to the first newline; ``exact_match`` after normalisation (case,
+  punctuation and surrounding whitespace ignored).
+* ``perplexity``: documents (a ``.txt`` file, or records with a ``text`` field), scored like the proxy
+  corpora: mean NLL per token with the ``proxy`` windows.
+
+Every record is checked before anything runs: a bad file is one line naming the file, the line and
+the field. Accuracy kinds become lm-eval tasks generated into a temporary include path (the records,
+normalised, as a JSONL file next to their YAML); the results record each file's sha256, and ``role``
+(general or domain) puts the entry into general retention or domain-gain preservation like a
+built-in task.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import string
+from pathlib import Path
+from typing import Any
+
+from spear.errors import SpearError
+from spear.io.hashing import file_sha256
+
+LETTERS = string.ascii_uppercase
+ACCURACY_KINDS = ("multiple_choice", "generate")
+
+
+def _where(entry, line: int | None = None) -> str:
+    return f"eval.custom {entry.name!r}: {entry.path}" + (f" line {line}" if line is not None else "")
+
+
+def _text_of(entry) -> str:
+    path = Path(entry.path).expanduser()
+    if not path.is_file():
+        raise SpearError(f"{_where(entry)} is not a file; fix eval.custom[].path")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise SpearError(f"{_where(entry)} is not UTF-8 text (byte {err.start}); convert it to UTF-8") from None
+    if not text.strip():
+        raise SpearError(f"{_where(entry)} is empty; give it one record per line")
+    return text
+
+
+def read_records(entry) -> list[tuple[int, dict[str, Any]]]:
+    """``[(line number, record)]`` of a JSONL or CSV file (a ``.txt`` perplexity file: one record ``text``)."""
+    text = _text_of(entry)
+    suffix = Path(entry.path).suffix.lower()
+    if suffix == ".txt":
+        return [(1, {"text": text})]
+    if suffix == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        return [(i + 2, {k: v for k, v in row.items() if k is not None}) for i, row in enumerate(reader)]
+    records = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SpearError(f"{_where(entry, i)} is not JSON ({err.msg}); one JSON object per line") from None
+        if not isinstance(record, dict):
+            raise SpearError(f"{_where(entry, i)} is a JSON {type(record).__name__}, not an object with named fields")
+        records.append((i, record))
+    return records
+
+
+def _field(entry, line: int, record: dict[str, Any], key: str) -> Any:
+    value = record.get(key)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise SpearError(f"{_where(entry, line)}: field {key!r} is missing or empty; every record needs "
+                         + ", ".join(REQUIRED[entry.kind]))
+    return value
+
+
+def _choices(entry, line: int, record: dict[str, Any]) -> list[str]:
+    value = record.get("choices")
+    if value is None:  # CSV columns A, B, C, ...
+        value = [record[c] for c in LETTERS if record.get(c) not in (None, "")]
+        if not value:
+            _field(entry, line, record, "choices")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise SpearError(f"{_where(entry, line)}: field 'choices' is not a JSON list (in CSV: '[\"a\", \"b\"]' or columns "
+                             "A, B, ...)") from None
+    if not isinstance(value, list) or any(not isinstance(c, str | int | float) for c in value):
+        raise SpearError(f"{_where(entry, line)}: field 'choices' must be a list of texts")
+    if len(value) < 2:
+        raise SpearError(f"{_where(entry, line)}: field 'choices' has {len(value)} choice(s); a question needs at least 2")
+    return [str(c) for c in value]
+
+
+def _answer_index(entry, line: int, answer: Any, n: int) -> int:
+    if isinstance(answer, str) and answer.strip().isdigit():
+        answer = int(answer.strip())
+    if isinstance(answer, str) and len(answer.strip()) == 1 and answer.strip().upper() in LETTERS:
+        answer = LETTERS.index(answer.strip().upper())
+    if isinstance(answer, bool) or not isinstance(answer, int):
+        raise SpearError(f"{_where(entry, line)}: field 'answer' is {answer!r}; give a 0-based index or a letter")
+    if not 0 <= answer < n:
+        raise SpearError(f"{_where(entry, line)}: field 'answer' is {answer}, out of range for {n} choices "
+                         f"(0..{n - 1} or A..{LETTERS[n - 1]})")
+    return answer
+
+
+REQUIRED = {"multiple_choice": ("question", "choices", "answer"), "generate": ("question", "answer"),
+            "perplexity": ("text",)}
+
+
+def load_docs(entry) -> list[dict[str, Any]]:
+    """The checked, normalised records of a custom benchmark (see the module docstring)."""
+    docs = []
+    for line, record in read_records(entry):
+        if entry.kind == "perplexity":
+            docs.append({"text": str(_field(entry, line, record, "text"))})
+            continue
+        doc = {"question": str(_field(entry, line, record, "question")).strip(),
+               "context": str(record.get("context") or "").strip()}
+        if entry.kind == "multiple_choice":
+            doc["choices"] = _choices(entry, line, record)
+            doc["answer"] = _answer_index(entry, line, _field(entry, line, record, "answer"), len(doc["choices"]))
+        else:
+            doc["answer"] = str(_field(entry, line, record, "answer")).strip()
+        docs.append(doc)
+    if not docs:
+        raise SpearError(f"{_where(entry)} holds no records")
+    return docs
+
+
+def describe(entry) -> dict[str, Any]:
+    """What results.json records of an entry: file, sha256, kind, role, number of records."""
+    return {"path": str(Path(entry.path).expanduser().resolve()), "sha256": file_sha256(Path(entry.path).expanduser()),
+            "kind": entry.kind, "role": entry.role, "records": len(load_docs(entry))}
+
+
+# ------------------------------------------------------------------------------ lm-eval tasks
+_PROMPT = "{% if context %}{{context}}\n{% endif %}Question: {{question}}\nAnswer:"
+_LOADER = '''"""Generated by spear-mm: the records of a custom benchmark, in memory (no datasets cache)."""
+import json
+
+
+def load(path, **_):
+    from datasets import Dataset
+
+    with open(path, encoding="utf-8") as fh:
+        return {"test": Dataset.from_list([json.loads(line) for line in fh])}
+'''
+
+
+def task_config(entry, data_file: Path) -> dict[str, Any]:
+    """The lm-eval task config of an accuracy entry (its records in ``data_file``)."""
+    common = {"task": entry.name, "custom_dataset": "!function spear_custom.load",
+              "dataset_kwargs": {"path": str(data_file)}, "test_split": "test", "doc_to_text": _PROMPT,
+              "metadata": {"version": 1.0, "spear_custom": True}}
+    if entry.kind == "multiple_choice":
+        return {**common, "output_type": "multiple_choice", "doc_to_target": "{{answer}}", "doc_to_choice": "{{choices}}",
+                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                                {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]}
+    return {**common, "output_type": "generate_until", "doc_to_target": "{{answer}}", "target_delimiter": "",
+            "generation_kwargs": {"until": ["\n"], "max_gen_toks": entry.max_new_tokens, "do_sample": False},
+            "filter_list": [{"name": "normalised", "filter": [{"function": "remove_whitespace"}, {"function": "take_first"}]}],
+            "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
+                             "ignore_case": True, "ignore_punctuation": True, "regexes_to_ignore": [r"^\s+", r"\s+$"]}]}
+
+
+def write_tasks(entries, folder: Path) -> list[str]:
+    """Write the accuracy entries' lm-eval tasks into ``folder`` (an include path); their names."""
+    import yaml
+
+    folder = Path(folder)
+    (folder / "spear_custom.py").write_text(_LOADER, encoding="utf-8")
+    names = []
+    for entry in entries:
+        if entry.kind not in ACCURACY_KINDS:
+            continue
+        data = folder / f"{entry.name}.jsonl"
+        data.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in load_docs(entry)), encoding="utf-8")
+        text = yaml.safe_dump(task_config(entry, data), sort_keys=False, allow_unicode=True)
+        text = text.replace("'!function spear_custom.load'", "!function spear_custom.load")
+        (folder / f"{entry.name}.yaml").write_text(text, encoding="utf-8")
+        names.append(entry.name)
+    return names

@@ -1,0 +1,143 @@
+"""eval.custom: your own benchmarks from JSONL/CSV/text files, end to end on tiny_llama."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from spear.errors import SpearError
+
+
+def _entry(**values):
+    from spear.config.schema import CustomTask
+
+    return CustomTask(**values)
+
+
+def _proxy():
+    from spear.config.schema import CorpusConfig, ProxyConfig
+
+    return ProxyConfig(general=CorpusConfig(max_tokens=64), domain=CorpusConfig(name="domain", source="finance_heldout",
+                                                                                 max_tokens=64), max_length=64, stride=64)
+
+
+def _evaluate(model, tokenizer, *custom, **suite):
+    from spear.config.schema import EvalConfig
+    from spear.evaluation.harness import evaluate_model
+
+    cfg = EvalConfig(name="custom", custom=list(custom), batch_size=8, max_length=256, **suite)
+    return evaluate_model(model, tokenizer, cfg, _proxy(), "tiny", progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from spear.models.tiny import build_tiny
+
+    return build_tiny("tiny_llama")
+
+
+def _mc_file(path, forced: bool, n: int = 40):
+    """Questions whose right answer is the one short choice (forced: any model's log-likelihood prefers
+    it), or four choices of one length at random positions (a random model is near chance)."""
+    rng = random.Random(0)
+    lines = []
+    for i in range(n):
+        if forced:
+            choices = ["a", *("".join(rng.choice("qxzjkvw") for _ in range(40)) for _ in range(3))]
+        else:
+            choices = ["".join(rng.choice("abcdefgh") for _ in range(6)) for _ in range(4)]
+        order = list(range(4))
+        rng.shuffle(order)
+        lines.append(json.dumps({"question": f"question {i}?", "choices": [choices[j] for j in order],
+                                 "answer": order.index(0)}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_multiple_choice_from_jsonl_and_csv(tiny, tmp_path):
+    from spear.io.hashing import file_sha256
+
+    model, tokenizer = tiny
+    forced = _mc_file(tmp_path / "forced.jsonl", forced=True)
+    shuffled = _mc_file(tmp_path / "shuffled.jsonl", forced=False)
+    csv = tmp_path / "letters.csv"
+    csv.write_text("question,A,B,C,answer\nfirst?,a,qxzjkvwqxzjkvwqxzjkvw,zzzzzzzzzzzzzzzzzzzz,A\n"
+                   "second?,qqqqqqqqqqqqqqqqqqqq,a,wwwwwwwwwwwwwwwwwwwww,B\n")
+    results = _evaluate(model, tokenizer, _entry(name="forced", path=str(forced)),
+                        _entry(name="shuffled", path=str(shuffled), role="general"), _entry(name="letters", path=str(csv)))
+    assert results["tasks"]["forced"]["acc"] == 1.0 and results["tasks"]["letters"]["acc"] == 1.0
+    assert 0.05 < results["tasks"]["shuffled"]["acc"] < 0.6
+    assert results["primary_metric"]["forced"] == "acc" and results["n_samples"]["forced"] == 40
+    assert results["custom"]["forced"]["sha256"] == file_sha256(forced)
+    assert results["custom"]["shuffled"] == {**results["custom"]["shuffled"], "kind": "multiple_choice", "role": "general",
+                                             "records": 40}
+
+
+def test_generate_scores_exact_match_after_normalisation(tiny, tmp_path):
+    """Gold answers that are the model's own greedy continuation (in another case, with punctuation) score 1.0."""
+    import torch
+
+    model, tokenizer = tiny
+    questions = [f"what is item {i}" for i in range(4)]
+    golds = []
+    for q in questions:
+        ids = torch.tensor([tokenizer(f"Question: {q}\nAnswer:", add_special_tokens=False)["input_ids"]])
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id or 0)
+        text = tokenizer.decode(out[0, ids.shape[1]:]).split("\n")[0].strip()
+        golds.append(f"  {text.upper()}. ")
+    right, wrong = tmp_path / "right.jsonl", tmp_path / "wrong.jsonl"
+    right.write_text("".join(json.dumps({"question": q, "answer": g}) + "\n" for q, g in zip(questions, golds, strict=True)))
+    wrong.write_text("".join(json.dumps({"question": q, "answer": "surely not this"}) + "\n" for q in questions))
+    results = _evaluate(model, tokenizer, _entry(name="right", path=str(right), kind="generate", max_new_tokens=6),
+                        _entry(name="wrong", path=str(wrong), kind="generate", max_new_tokens=6))
+    assert results["primary_metric"]["right"] == "exact_match,normalised"
+    assert results["tasks"]["right"]["exact_match,normalised"] == 1.0
+    assert results["tasks"]["wrong"]["exact_match,normalised"] == 0.0
+
+
+def test_perplexity_benchmark_enters_retention_by_role(tiny, tmp_path):
+    from spear.config.schema import EvalConfig
+    from spear.evaluation.retention import retention_from_suite
+
+    model, tokenizer = tiny
+    docs = tmp_path / "memos.txt"
+    docs.write_text("The quarterly accrual was reversed after the audit. " * 40)
+    results = _evaluate(model, tokenizer, _entry(name="memos", path=str(docs), kind="perplexity"))
+    assert results["nll"]["memos"] > 0 and results["tokens"]["memos"] > 100
+    cfg = EvalConfig(custom=[_entry(name="memos", path=str(docs), kind="perplexity")])
+    better = {**results, "nll": {**results["nll"], "memos": results["nll"]["memos"] - 0.5}}
+    retention = retention_from_suite(better, results, better, cfg, _proxy())
+    assert retention["entries"]["ppl:memos"]["kind"] == "domain"
+    assert retention["entries"]["ppl:memos"]["gain_preservation"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("text", "suffix", "kind", "match"), [
+    ('{"question": "q?", "choices": ["a", "b"]}\n', ".jsonl", "multiple_choice", "line 1: field 'answer' is missing"),
+    ('{"question": "q?", "choices": ["a", "b"], "answer": 0}\n{"question": "r?", "choices": ["a", "b"], "answer": 2}\n',
+     ".jsonl", "multiple_choice", "line 2: field 'answer' is 2, out of range for 2 choices"),
+    ('{"question": "q?", "choices": ["a"], "answer": 0}\n', ".jsonl", "multiple_choice", "has 1 choice.*at least 2"),
+    ("question,A,B,answer\nq?,x,y,E\n", ".csv", "multiple_choice", "line 2: field 'answer' is 4, out of range"),
+    ('{"question": "q?"}\n', ".jsonl", "generate", "line 1: field 'answer' is missing"),
+    ("[1, 2]\n", ".jsonl", "generate", "line 1 is a JSON list"),
+    ("   \n", ".jsonl", "generate", "is empty"),
+    (b"\xff\xfe caf\xe9", ".txt", "perplexity", "is not UTF-8"),
+])
+def test_a_bad_file_is_one_line_naming_the_line_and_the_field(tmp_path, text, suffix, kind, match):
+    from spear.evaluation.custom import load_docs
+
+    path = tmp_path / f"bench{suffix}"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(SpearError, match=match) as err:
+        load_docs(_entry(name="bench", path=str(path), kind=kind))
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_names_must_not_clash():
+    from spear.config.schema import EvalConfig
+    from spear.config.store import validate_node
+
+    with pytest.raises(SpearError, match="the name 'spear_arc_easy' is used twice"):
+        validate_node(EvalConfig, {"tasks": ["spear_arc_easy"], "custom": [{"name": "spear_arc_easy", "path": "x.jsonl"}]},
+                      "eval")
