@@ -178,7 +178,7 @@ class PipelineState:
         from spear.io.artifacts import content_key, fingerprint_path
 
         cfg = self.cfg
-        files = [fingerprint_path(Path(c.path).expanduser()) for c in cfg.eval.custom]  # an edited benchmark is re-run
+        files = [fingerprint_path(Path(c.path).expanduser()) for c in cfg.eval.own_benchmarks()]  # an edited benchmark is re-run
         key = content_key(cfg.eval.model_dump(mode="json"), cfg.proxy.model_dump(mode="json"), *key_parts,
                           *([files] if files else []))
         with self.cache.claim("evaluate", key):

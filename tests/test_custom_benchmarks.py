@@ -141,3 +141,65 @@ def test_names_must_not_clash():
     with pytest.raises(SpearError, match="the name 'spear_arc_easy' is used twice"):
         validate_node(EvalConfig, {"tasks": ["spear_arc_easy"], "custom": [{"name": "spear_arc_easy", "path": "x.jsonl"}]},
                       "eval")
+
+
+def _pack_files(tmp_path):
+    """Small files in each benchmark's published format."""
+    fpb = tmp_path / "Sentences_AllAgree.txt"
+    fpb.write_bytes("Operating profit rose to EUR 13.1 mn .@positive\nThe company's net sales fell by 5 % .@negative\n"
+                    "Nokia is a Finnish company .@neutral\nL\u00e4nnen Tehtaat stayed flat .@neutral\n".encode("iso-8859-1"))
+    fiqa = tmp_path / "task1_headline_ABSA_train.json"
+    fiqa.write_text(json.dumps({
+        "1": {"sentence": "Shares jump after record earnings", "info": [{"sentiment_score": "0.62", "target": "X"}]},
+        "2": {"sentence": "Profit warning sinks stock", "info": [{"sentiment_score": "-0.55", "target": "Y"}]},
+        "3": {"sentence": "Board meets on Tuesday", "info": [{"sentiment_score": "0.02", "target": "Z"}]}}))
+    headline = tmp_path / "gold_headlines.csv"
+    headline.write_text("News,Price or Not,Direction Up,Direction Down\n\"gold rises 1% on weak dollar\",1,1,0\n"
+                        "\"gold market closed for holiday\",0,0,0\n")
+    finqa = tmp_path / "test.json"
+    finqa.write_text(json.dumps([{"pre_text": ["revenue was 120 in 2019 ."], "post_text": [], "table": [["year", "2019"]],
+                                  "qa": {"question": "what was the revenue?", "exe_ans": 120.0}}]))
+    return {"fpb": fpb, "fiqa_sa": fiqa, "headline": headline, "finqa": finqa}
+
+
+def test_the_finance_pack_reads_the_published_formats(tmp_path):
+    from spear.config.schema import EvalConfig
+    from spear.evaluation.custom import describe, load_docs
+
+    files = _pack_files(tmp_path)
+    cfg = EvalConfig(finance_pack={k: str(v) for k, v in files.items()})
+    entries = {e.name: e for e in cfg.own_benchmarks()}
+    assert set(entries) == set(files) and all(e.role == "domain" for e in entries.values())
+    fpb = load_docs(entries["fpb"])
+    assert [d["answer"] for d in fpb] == [2, 0, 1, 1] and "Länn" in fpb[3]["question"]  # ISO-8859-1 as published
+    assert [d["answer"] for d in load_docs(entries["fiqa_sa"])] == [2, 0, 1]
+    headlines = load_docs(entries["headline"])
+    assert len(headlines) == 6 and [d["answer"] for d in headlines] == [1, 1, 0, 0, 0, 0]
+    finqa = load_docs(entries["finqa"])
+    assert finqa == [{"question": "what was the revenue?", "context": "revenue was 120 in 2019 .\nyear | 2019", "answer": "120"}]
+    info = describe(entries["fpb"])
+    assert info["non_commercial"] is True and "CC BY-NC-SA" in info["licence"] and info["kind"] == "multiple_choice"
+    assert describe(entries["finqa"])["kind"] == "generate"
+
+
+def test_a_finance_pack_task_runs_end_to_end_and_warns_of_its_licence(tiny, tmp_path, caplog):
+    from spear.config.schema import EvalConfig
+    from spear.evaluation.harness import evaluate_model
+
+    model, tokenizer = tiny
+    files = _pack_files(tmp_path)
+    cfg = EvalConfig(name="pack", batch_size=8, max_length=256, finance_pack={"fpb": str(files["fpb"])})
+    with caplog.at_level("WARNING"):
+        results = evaluate_model(model, tokenizer, cfg, _proxy(), "tiny", progress=False)
+    assert results["n_samples"]["fpb"] == 4 and 0.0 <= results["tasks"]["fpb"]["acc"] <= 1.0
+    assert results["custom"]["fpb"]["licence"].startswith("CC BY-NC-SA")
+    assert any("non-commercial use only" in r.getMessage() for r in caplog.records)
+
+
+def test_a_malformed_published_file_names_its_line(tmp_path):
+    from spear.evaluation.custom import load_docs
+
+    bad = tmp_path / "Sentences_50Agree.txt"
+    bad.write_text("fine sentence .@positive\nno label here\n")
+    with pytest.raises(SpearError, match="line 2: not `sentence@label`"):
+        load_docs(_entry(name="fpb", path=str(bad), format="fpb"))

@@ -335,7 +335,18 @@ class CustomTask(Node):
     kind: Literal["multiple_choice", "generate", "perplexity"] = knob(
         "multiple_choice", "multiple_choice: question, choices, answer | generate: question, answer | perplexity: text")
     role: Literal["general", "domain"] = knob("domain", "enters general retention or domain-gain preservation")
+    format: Literal["spear", "fpb", "fiqa_sa", "headline", "finqa"] = knob(
+        "spear", "spear: the fields above | a public finance benchmark's published file (sets kind; licence recorded)")
     max_new_tokens: int = knob(32, "generate: at most this many greedy tokens, up to the first newline", ge=1)
+
+
+class FinancePack(Node):
+    """Public finance benchmarks from the user's copies, in their published formats (licence recorded)."""
+
+    fpb: str | None = knob(None, "Financial PhraseBank `Sentences_*.txt` (CC BY-NC-SA 3.0: non-commercial)")
+    fiqa_sa: str | None = knob(None, "FiQA 2018 task 1 JSON (`task1_*_ABSA_*.json`)")
+    headline: str | None = knob(None, "the gold commodity news headlines CSV (Sinha & Khandait 2021)")
+    finqa: str | None = knob(None, "a FinQA split JSON (`test.json`)")
 
 
 class EvalConfig(Node):
@@ -355,6 +366,7 @@ class EvalConfig(Node):
         "off", "lm-eval prompts in the tokenizer's chat template: off | on (an error without one) | auto (when it has one)")
     fewshot_as_multiturn: bool = knob(False, "with the chat template: few-shot examples as earlier turns")
     custom: list[CustomTask] = knob([], "your own benchmarks from files: [{name, path, kind, role}]")
+    finance_pack: FinancePack = knob(FinancePack(), "public finance benchmarks from local files (domain role)")
     seeds: EvalSeeds = knob(EvalSeeds(), "lm-eval's seeds")
     primary_metrics: list[str] = knob(
         ["acc", "acc_norm", "exact_match,flexible-extract", "exact_match,strict-match", "exact_match", "bits_per_byte"],
@@ -365,11 +377,17 @@ class EvalConfig(Node):
     domain_tasks: list[str] = knob([], "tasks whose gain enters domain_gain_preservation")
     min_domain_gain: float = knob(0.0, "|adapted - base| at or below this: G undefined (null + warning)", ge=0.0)
 
+    def own_benchmarks(self) -> list[CustomTask]:
+        """``eval.custom`` and the finance pack's files, as custom benchmarks (the pack's named after its format)."""
+        pack = [CustomTask(name=fmt, path=path, format=fmt, role="domain")
+                for fmt, path in self.finance_pack.model_dump().items() if path]
+        return [*self.custom, *pack]
+
     @model_validator(mode="after")
     def _lists(self) -> EvalConfig:
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"eval.tasks lists a task twice: {self.tasks}")
-        names = [c.name for c in self.custom]
+        names = [c.name for c in self.own_benchmarks()]
         clash = sorted({n for n in names if names.count(n) > 1 or n in self.tasks})
         if clash:
             raise ValueError(f"eval.custom: the name {clash[0]!r} is used twice (or by eval.tasks); give each benchmark its own name")

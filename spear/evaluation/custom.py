@@ -10,6 +10,13 @@ An entry ``{name, path, kind, role}`` names a JSONL or CSV file:
 * ``perplexity``: documents (a ``.txt`` file, or records with a ``text`` field), scored like the proxy
   corpora: mean NLL per token with the ``proxy`` windows.
 
+``format`` reads a public finance benchmark in its published file format instead (the data stays
+the user's copy; each carries its licence into results.json, and a non-commercial one is printed):
+``fpb`` (Financial PhraseBank ``sentence@label`` lines), ``fiqa_sa`` (FiQA 2018 task 1 JSON; the
+sentiment score binned at +-0.1), ``headline`` (the gold commodity news CSV: one yes/no question per
+labelled dimension) and ``finqa`` (FinQA JSON: generation of the executed answer). See
+:data:`FORMATS`.
+
 Every record is checked before anything runs: a bad file is one line naming the file, the line and
 the field. Accuracy kinds become lm-eval tasks generated into a temporary include path (the records,
 normalised, as a JSONL file next to their YAML); the results record each file's sha256, and ``role``
@@ -76,7 +83,7 @@ def _field(entry, line: int, record: dict[str, Any], key: str) -> Any:
     value = record.get(key)
     if value is None or (isinstance(value, str) and not value.strip()):
         raise SpearError(f"{_where(entry, line)}: field {key!r} is missing or empty; every record needs "
-                         + ", ".join(REQUIRED[entry.kind]))
+                         + ", ".join(REQUIRED[kind_of(entry)]))
     return value
 
 
@@ -116,16 +123,124 @@ REQUIRED = {"multiple_choice": ("question", "choices", "answer"), "generate": ("
             "perplexity": ("text",)}
 
 
+
+# ---------------------------------------------------------------------- published finance formats
+SENTIMENTS = ["negative", "neutral", "positive"]
+HEADLINE_QUESTIONS = {  # column of the gold news CSV -> the question asked of each headline
+    "Price or Not": "Does the news headline talk about price?",
+    "Direction Up": "Does the news headline talk about price going up?",
+    "Direction Down": "Does the news headline talk about price going down?",
+    "Direction Constant": "Does the news headline talk about price staying constant?",
+    "Past Price": "Does the news headline talk about a price in the past?",
+    "Future Price": "Does the news headline talk about a price in the future?",
+    "Asset Comparision": "Does the news headline compare gold with any other asset?",
+}
+
+
+def _fpb(entry) -> list[tuple[int, dict[str, Any]]]:
+    raw = Path(entry.path).expanduser().read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("iso-8859-1")  # the encoding Financial PhraseBank is published in
+    out = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        sentence, sep, label = line.rpartition("@")
+        if not sep or label.strip() not in SENTIMENTS:
+            raise SpearError(f"{_where(entry, i)}: not `sentence@label` with label {'/'.join(SENTIMENTS)}")
+        out.append((i, {"question": f"What is the sentiment of this financial news sentence? {sentence.strip()}",
+                        "choices": SENTIMENTS, "answer": SENTIMENTS.index(label.strip())}))
+    return out
+
+
+def _fiqa_sa(entry) -> list[tuple[int, dict[str, Any]]]:
+    try:
+        data = json.loads(_text_of(entry))
+    except json.JSONDecodeError as err:
+        raise SpearError(f"{_where(entry, err.lineno)} is not JSON ({err.msg}); give FiQA task 1's JSON file") from None
+    if not isinstance(data, dict):
+        raise SpearError(f"{_where(entry)}: the top level is not an object of id -> record (FiQA task 1 format)")
+    out = []
+    for n, (key, item) in enumerate(data.items(), start=1):
+        info = (item or {}).get("info") if isinstance(item, dict) else None
+        try:
+            sentence, score = item["sentence"], float(info[0]["sentiment_score"])
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise SpearError(f"{_where(entry)} record {key!r}: needs `sentence` and `info[0].sentiment_score`") from None
+        label = 0 if score < -0.1 else 2 if score > 0.1 else 1
+        out.append((n, {"question": f"What is the sentiment of this financial text? {sentence}", "choices": SENTIMENTS,
+                        "answer": label}))
+    return out
+
+
+def _headline(entry) -> list[tuple[int, dict[str, Any]]]:
+    rows = read_records(entry)
+    out = []
+    for line, row in rows:
+        news = str(row.get("News") or "").strip()
+        if not news:
+            raise SpearError(f"{_where(entry, line)}: field 'News' is missing or empty (the gold news CSV format)")
+        for column, question in HEADLINE_QUESTIONS.items():
+            value = str(row.get(column) or "").strip()
+            if value in ("0", "1"):
+                out.append((line, {"question": f"{question} Headline: {news}", "choices": ["No", "Yes"], "answer": int(value)}))
+    if not out:
+        raise SpearError(f"{_where(entry)} has no 0/1 label in any of {', '.join(HEADLINE_QUESTIONS)}")
+    return out
+
+
+def _finqa(entry) -> list[tuple[int, dict[str, Any]]]:
+    try:
+        data = json.loads(_text_of(entry))
+    except json.JSONDecodeError as err:
+        raise SpearError(f"{_where(entry, err.lineno)} is not JSON ({err.msg}); give a FinQA split file") from None
+    if not isinstance(data, list):
+        raise SpearError(f"{_where(entry)}: the top level is not a list of examples (FinQA format)")
+    out = []
+    for n, item in enumerate(data, start=1):
+        try:
+            qa, table = item["qa"], item.get("table") or []
+            context = "\n".join([*item.get("pre_text", []), *(" | ".join(map(str, r)) for r in table), *item.get("post_text", [])])
+            answer = qa["exe_ans"]
+            question = qa["question"]
+        except (KeyError, TypeError):
+            raise SpearError(f"{_where(entry)} example {n}: needs `qa.question` and `qa.exe_ans`") from None
+        if isinstance(answer, float):
+            answer = f"{answer:.2f}".rstrip("0").rstrip(".")
+        out.append((n, {"question": question, "answer": str(answer), "context": context}))
+    return out
+
+
+# format -> (reader, kind, licence, non-commercial)
+FORMATS: dict[str, tuple[Any, str, str, bool]] = {
+    "fpb": (_fpb, "multiple_choice", "CC BY-NC-SA 3.0 (Malo et al., Financial PhraseBank)", True),
+    "fiqa_sa": (_fiqa_sa, "multiple_choice", "not stated by the FiQA 2018 release (mirrors say CC BY-SA 4.0 or MIT): "
+                "check the terms of your copy", False),
+    "headline": (_headline, "multiple_choice", "as published with Sinha & Khandait (2021): check the terms of your copy",
+                 False),
+    "finqa": (_finqa, "generate", "MIT (Chen et al., FinQA)", False),
+}
+
+
+def kind_of(entry) -> str:
+    """The entry's kind: its published format's, else its own ``kind``."""
+    return FORMATS[entry.format][1] if entry.format in FORMATS else entry.kind
+
+
 def load_docs(entry) -> list[dict[str, Any]]:
     """The checked, normalised records of a custom benchmark (see the module docstring)."""
     docs = []
-    for line, record in read_records(entry):
-        if entry.kind == "perplexity":
+    kind = kind_of(entry)
+    records = FORMATS[entry.format][0](entry) if entry.format in FORMATS else read_records(entry)
+    for line, record in records:
+        if kind == "perplexity":
             docs.append({"text": str(_field(entry, line, record, "text"))})
             continue
         doc = {"question": str(_field(entry, line, record, "question")).strip(),
                "context": str(record.get("context") or "").strip()}
-        if entry.kind == "multiple_choice":
+        if kind == "multiple_choice":
             doc["choices"] = _choices(entry, line, record)
             doc["answer"] = _answer_index(entry, line, _field(entry, line, record, "answer"), len(doc["choices"]))
         else:
@@ -137,9 +252,13 @@ def load_docs(entry) -> list[dict[str, Any]]:
 
 
 def describe(entry) -> dict[str, Any]:
-    """What results.json records of an entry: file, sha256, kind, role, number of records."""
-    return {"path": str(Path(entry.path).expanduser().resolve()), "sha256": file_sha256(Path(entry.path).expanduser()),
-            "kind": entry.kind, "role": entry.role, "records": len(load_docs(entry))}
+    """What results.json records of an entry: file, sha256, kind, format and licence, role, number of records."""
+    info = {"path": str(Path(entry.path).expanduser().resolve()), "sha256": file_sha256(Path(entry.path).expanduser()),
+            "kind": kind_of(entry), "role": entry.role, "records": len(load_docs(entry))}
+    if entry.format in FORMATS:
+        _, _, licence, non_commercial = FORMATS[entry.format]
+        info.update(format=entry.format, licence=licence, non_commercial=non_commercial)
+    return info
 
 
 # ------------------------------------------------------------------------------ lm-eval tasks
@@ -161,7 +280,7 @@ def task_config(entry, data_file: Path) -> dict[str, Any]:
     common = {"task": entry.name, "custom_dataset": "!function spear_custom.load",
               "dataset_kwargs": {"path": str(data_file)}, "test_split": "test", "doc_to_text": _PROMPT,
               "metadata": {"version": 1.0, "spear_custom": True}}
-    if entry.kind == "multiple_choice":
+    if kind_of(entry) == "multiple_choice":
         return {**common, "output_type": "multiple_choice", "doc_to_target": "{{answer}}", "doc_to_choice": "{{choices}}",
                 "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
                                 {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]}
@@ -180,7 +299,7 @@ def write_tasks(entries, folder: Path) -> list[str]:
     (folder / "spear_custom.py").write_text(_LOADER, encoding="utf-8")
     names = []
     for entry in entries:
-        if entry.kind not in ACCURACY_KINDS:
+        if kind_of(entry) not in ACCURACY_KINDS:
             continue
         data = folder / f"{entry.name}.jsonl"
         data.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in load_docs(entry)), encoding="utf-8")

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from spear.errors import SpearError
-from spear.evaluation.custom import ACCURACY_KINDS, describe, load_docs, write_tasks
+from spear.evaluation.custom import ACCURACY_KINDS, describe, kind_of, load_docs, write_tasks
 from spear.evaluation.proxy import ProxyEvaluator
 from spear.evaluation.retention import LOWER_IS_BETTER
 
@@ -295,22 +295,22 @@ def check_suite(eval_cfg, proxy) -> None:
     """Fail before any evaluation: every task name exists and every proxy corpus is readable."""
     if eval_cfg.tasks:
         task_manager(eval_cfg.tasks)  # unknown names: SpearError with close matches
-    for entry in eval_cfg.custom:
+    for entry in eval_cfg.own_benchmarks():
         load_docs(entry)  # a bad file: SpearError naming the line and the field
     ProxyEvaluator.check(proxy)
 
 
 def with_custom(eval_cfg):
     """The suite with its own accuracy benchmarks (``eval.custom``) as lm-eval tasks of their role."""
-    extra = [c for c in eval_cfg.custom if c.kind in ACCURACY_KINDS]
+    extra = [c for c in eval_cfg.own_benchmarks() if kind_of(c) in ACCURACY_KINDS]
     if not extra:
         return eval_cfg
     return eval_cfg.replace(
-        custom=[],
+        custom=[], finance_pack={},
         tasks=[*eval_cfg.tasks, *(c.name for c in extra)],
         general_tasks=[*eval_cfg.general_tasks, *(c.name for c in extra if c.role == "general")],
         domain_tasks=[*eval_cfg.domain_tasks, *(c.name for c in extra if c.role == "domain")],
-        primary_metric={**eval_cfg.primary_metric, **{c.name: CUSTOM_METRIC[c.kind] for c in extra}},
+        primary_metric={**eval_cfg.primary_metric, **{c.name: CUSTOM_METRIC[kind_of(c)] for c in extra}},
     )
 
 
@@ -352,13 +352,16 @@ def evaluate_model(
         "settings": suite_settings(eval_cfg, proxy),
         "seconds": {},
     }
-    results["custom"] = {entry.name: describe(entry) for entry in eval_cfg.custom}
+    results["custom"] = {entry.name: describe(entry) for entry in eval_cfg.own_benchmarks()}
+    for entry_name, info in results["custom"].items():
+        if info.get("non_commercial"):
+            log.warning("eval.custom %r (%s) is licensed %s: non-commercial use only", entry_name, info["format"], info["licence"])
     suite = with_custom(eval_cfg)
     chat = uses_chat_template(suite, tokenizer, str(name)) if suite.tasks else False
     results["chat_template"] = chat
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="spear-custom-tasks-") as folder:
-        include = Path(folder) if write_tasks(eval_cfg.custom, Path(folder)) else None
+        include = Path(folder) if write_tasks(eval_cfg.own_benchmarks(), Path(folder)) else None
         raw = run_lm_eval(model, tokenizer, suite, chat, include)
     results["seconds"]["lm_eval"] = round(time.perf_counter() - start, 3)
     if raw is not None:
@@ -372,7 +375,7 @@ def evaluate_model(
         results["tokens"][value["name"]] = value["tokens"]
         log.info("proxy %s (%s): ppl %.3f, nll %.4f, %d tokens, %.1fs", role, value["name"], value["ppl"] or math.inf,
                  value["nll"], value["tokens"], value["seconds"])
-    for entry in (c for c in eval_cfg.custom if c.kind == "perplexity"):
+    for entry in (c for c in eval_cfg.own_benchmarks() if kind_of(c) == "perplexity"):
         value = custom_nll(model, tokenizer, entry, proxy)
         results["perplexity"][entry.name], results["nll"][entry.name] = value["ppl"], value["nll"]
         results["tokens"][entry.name] = value["tokens"]
