@@ -203,3 +203,21 @@ def test_a_malformed_published_file_names_its_line(tmp_path):
     bad.write_text("fine sentence .@positive\nno label here\n")
     with pytest.raises(SpearError, match="line 2: not `sentence@label`"):
         load_docs(_entry(name="fpb", path=str(bad), format="fpb"))
+
+
+def test_spear_evaluate_takes_custom_benchmarks_into_retention(compose, tiny_llama_dir, tmp_path):
+    from spear.evaluation.stage import run_evaluate
+
+    forced = _mc_file(tmp_path / "forced.jsonl", forced=True, n=8)
+    memos = tmp_path / "memos.txt"
+    memos.write_text("The quarterly accrual was reversed after the audit. " * 30)
+    custom = (f"eval.custom=[{{name: forced, path: {forced}}}, "
+              f"{{name: memos, path: {memos}, kind: perplexity, role: general}}]")
+    cfg = compose("evaluate", ["model=tiny_llama", f"model.ref={tiny_llama_dir}", f"references.base={tiny_llama_dir}",
+                               "eval=perplexity", custom, "proxy.general.max_tokens=128", "proxy.domain.max_tokens=128",
+                               "progress=false"], output_dir=tmp_path / "run")
+    out = run_evaluate(cfg)
+    retention = json.loads((tmp_path / "run" / "retention.json").read_text())
+    assert out["results"]["tasks"]["forced"]["acc"] == 1.0
+    assert retention["entries"]["forced"]["kind"] == "domain" and retention["entries"]["ppl:memos"]["kind"] == "general"
+    assert retention["entries"]["ppl:memos"]["retention"] == pytest.approx(1.0)  # the model is its own base
