@@ -221,3 +221,33 @@ def test_spear_evaluate_takes_custom_benchmarks_into_retention(compose, tiny_lla
     assert out["results"]["tasks"]["forced"]["acc"] == 1.0
     assert retention["entries"]["forced"]["kind"] == "domain" and retention["entries"]["ppl:memos"]["kind"] == "general"
     assert retention["entries"]["ppl:memos"]["retention"] == pytest.approx(1.0)  # the model is its own base
+
+
+def test_chat_nll_scores_the_answer_tokens_of_the_assistant_turn(tmp_path):
+    """The NLL of the gold answers as assistant turns, token for token what a direct forward pass gives."""
+    import torch
+
+    from spear.evaluation.custom import chat_answer_nll
+    from spear.models.tiny import build_tiny
+
+    model, tokenizer = build_tiny("tiny_llama")
+    path = tmp_path / "chat.jsonl"
+    rows = [{"question": "What is an accrual?", "answer": "Revenue or cost booked before cash moves."},
+            {"question": "What is a ledger?", "answer": "The book of accounts."}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    entry = _entry(name="chat", path=str(path), kind="chat_nll", role="general")
+    with pytest.raises(SpearError, match="kind=chat_nll but the tokenizer has no chat template"):
+        chat_answer_nll(model, tokenizer, entry)
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    value = chat_answer_nll(model, tokenizer, entry)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            head = tokenizer(f"<|user|>{row['question']}\n<|assistant|>", add_special_tokens=False)["input_ids"]
+            answer = tokenizer(f"{row['answer']}\n", add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([head + answer])
+            logits = model(input_ids=ids).logits[0, len(head) - 1:-1]
+            total += float(torch.nn.functional.cross_entropy(logits, ids[0, len(head):], reduction="sum"))
+            count += len(answer)
+    assert value["tokens"] == count and value["nll"] == pytest.approx(total / count, rel=1e-5)

@@ -332,8 +332,9 @@ class CustomTask(Node):
 
     name: str = knob("custom", "its name in results.json", pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
     path: str = knob("", "a JSONL or CSV file (perplexity: also a .txt file)", min_length=1)
-    kind: Literal["multiple_choice", "generate", "perplexity"] = knob(
-        "multiple_choice", "multiple_choice: question, choices, answer | generate: question, answer | perplexity: text")
+    kind: Literal["multiple_choice", "generate", "perplexity", "chat_nll"] = knob(
+        "multiple_choice", "multiple_choice: question, choices, answer | generate: question, answer | perplexity: text | "
+        "chat_nll: question, answer (NLL of the answer as the assistant turn of the chat template)")
     role: Literal["general", "domain"] = knob("domain", "enters general retention or domain-gain preservation")
     format: Literal["spear", "fpb", "fiqa_sa", "headline", "finqa"] = knob(
         "spear", "spear: the fields above | a public finance benchmark's published file (sets kind; licence recorded)")

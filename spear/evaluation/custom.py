@@ -9,6 +9,9 @@ An entry ``{name, path, kind, role}`` names a JSONL or CSV file:
   punctuation and surrounding whitespace ignored).
 * ``perplexity``: documents (a ``.txt`` file, or records with a ``text`` field), scored like the proxy
   corpora: mean NLL per token with the ``proxy`` windows.
+* ``chat_nll``: ``question``, ``answer``; the mean NLL per token of each gold answer as the assistant
+  turn after the question as the user turn, in the tokenizer's chat template. CPT on raw text is known
+  to damage an instruct model's chat behaviour first: with ``role=general`` this measures it.
 
 ``format`` reads a public finance benchmark in its published file format instead (the data stays
 the user's copy; each carries its licence into results.json, and a non-commercial one is printed):
@@ -120,7 +123,8 @@ def _answer_index(entry, line: int, answer: Any, n: int) -> int:
 
 
 REQUIRED = {"multiple_choice": ("question", "choices", "answer"), "generate": ("question", "answer"),
-            "perplexity": ("text",)}
+            "perplexity": ("text",), "chat_nll": ("question", "answer")}
+NLL_KINDS = ("perplexity", "chat_nll")  # scored by spear (results.json "nll"), not by lm-eval
 
 
 
@@ -308,3 +312,39 @@ def write_tasks(entries, folder: Path) -> list[str]:
         (folder / f"{entry.name}.yaml").write_text(text, encoding="utf-8")
         names.append(entry.name)
     return names
+
+
+def chat_answer_nll(model, tokenizer, entry) -> dict[str, Any]:
+    """Mean NLL per answer token of the gold answers as assistant turns (``kind=chat_nll``)."""
+    import math
+
+    import torch
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise SpearError(f"eval.custom {entry.name!r} is kind=chat_nll but the tokenizer has no chat template; use a "
+                         "chat model's tokenizer or kind=generate")
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for doc in load_docs(entry):
+                user = {"role": "user", "content": f"{doc['context']}\n{doc['question']}".strip()}
+                prompt = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+                full = tokenizer.apply_chat_template([user, {"role": "assistant", "content": doc["answer"]}], tokenize=False)
+                head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+                ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+                if ids[:len(head)] != head or len(ids) <= len(head):
+                    raise SpearError(f"eval.custom {entry.name!r}: the chat template does not render the answer after "
+                                     "the prompt; kind=chat_nll needs a template that appends the assistant turn")
+                x = torch.tensor([ids], device=device)
+                logits = model(input_ids=x, use_cache=False).logits[0, len(head) - 1:-1].float()
+                total += float(torch.nn.functional.cross_entropy(logits, x[0, len(head):], reduction="sum"))
+                count += len(ids) - len(head)
+    finally:
+        model.train(was_training)
+    nll = total / count
+    if not math.isfinite(nll):
+        raise SpearError(f"the model gives a non-finite NLL on eval.custom {entry.name!r}; check its weights")
+    return {"nll": nll, "ppl": math.exp(nll), "tokens": count}

@@ -29,7 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from spear.errors import SpearError
-from spear.evaluation.custom import ACCURACY_KINDS, describe, kind_of, load_docs, write_tasks
+from spear.evaluation.custom import (
+    ACCURACY_KINDS,
+    NLL_KINDS,
+    chat_answer_nll,
+    describe,
+    kind_of,
+    load_docs,
+    write_tasks,
+)
 from spear.evaluation.proxy import ProxyEvaluator
 from spear.evaluation.retention import LOWER_IS_BETTER
 
@@ -375,8 +383,9 @@ def evaluate_model(
         results["tokens"][value["name"]] = value["tokens"]
         log.info("proxy %s (%s): ppl %.3f, nll %.4f, %d tokens, %.1fs", role, value["name"], value["ppl"] or math.inf,
                  value["nll"], value["tokens"], value["seconds"])
-    for entry in (c for c in eval_cfg.own_benchmarks() if kind_of(c) == "perplexity"):
-        value = custom_nll(model, tokenizer, entry, proxy)
+    for entry in (c for c in eval_cfg.own_benchmarks() if kind_of(c) in NLL_KINDS):
+        value = custom_nll(model, tokenizer, entry, proxy) if kind_of(entry) == "perplexity" else chat_answer_nll(
+            model, tokenizer, entry)
         results["perplexity"][entry.name], results["nll"][entry.name] = value["ppl"], value["nll"]
         results["tokens"][entry.name] = value["tokens"]
         log.info("custom %s (%s): ppl %.3f, nll %.4f, %d tokens", entry.name, entry.role, value["ppl"] or math.inf,

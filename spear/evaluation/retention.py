@@ -206,10 +206,10 @@ def retention_from_suite(model: Mapping[str, Any], base: Mapping[str, Any], adap
     """:func:`compute_retention` as a suite defines it: its general/domain tasks, the proxy's
     general/domain corpora, its own benchmarks (``eval.custom``, by ``role``) and its ``min_domain_gain``."""
 
-    from spear.evaluation.custom import kind_of
+    from spear.evaluation.custom import NLL_KINDS, kind_of
 
     def custom(role: str, nll: bool) -> list[str]:
-        return [c.name for c in eval_cfg.own_benchmarks() if c.role == role and (kind_of(c) == "perplexity") == nll]
+        return [c.name for c in eval_cfg.own_benchmarks() if c.role == role and (kind_of(c) in NLL_KINDS) == nll]
 
     return compute_retention(
         model, base, adapted,
