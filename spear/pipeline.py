@@ -79,7 +79,7 @@ class PipelineState:
                 check_fit_kernel(merge or cfg.merge)
         check_suite(cfg.eval, cfg.proxy)
         self.device = resolve_device(cfg.device)
-        self.cache = StageCache(Path(cfg.pipeline.cache_dir))
+        self.cache = StageCache(Path(cfg.pipeline.cache_dir).expanduser().resolve())  # results hold its paths: absolute
         self.base_dir = resolve_model_dir(cfg.model.ref, allow_pickle=cfg.model.allow_pickle,
                                           allow_network=cfg.model.allow_network).resolve()
         self.base_fp = fingerprint_path(self.base_dir)

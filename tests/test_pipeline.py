@@ -215,3 +215,14 @@ def test_two_entries_with_one_name_are_an_error_before_anything_runs(corpus, tmp
                                           f"paths.output_dir={tmp_path / 'run'}", "logger=none",
                                           "pipeline.extra_policies=[lines, {policy: lines, t_first: 0.5}]"]))
     assert not (tmp_path / "cache").exists()
+
+
+def test_the_stage_cache_records_absolute_paths(tmp_path, monkeypatch):
+    """A relative pipeline.cache_dir is resolved once, so a later run from another directory finds its outputs."""
+    from spear.config import compose
+    from spear.pipeline import PipelineState
+
+    monkeypatch.chdir(tmp_path)
+    state = PipelineState(compose("pipeline", [*TINY, "data.paths=[x.txt]", "pipeline.cache_dir=rel/cache",
+                                               f"paths.output_dir={tmp_path / 'run'}", "logger=none"]))
+    assert state.cache.root == tmp_path / "rel" / "cache"
