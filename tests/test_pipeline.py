@@ -226,3 +226,25 @@ def test_the_stage_cache_records_absolute_paths(tmp_path, monkeypatch):
     state = PipelineState(compose("pipeline", [*TINY, "data.paths=[x.txt]", "pipeline.cache_dir=rel/cache",
                                                f"paths.output_dir={tmp_path / 'run'}", "logger=none"]))
     assert state.cache.root == tmp_path / "rel" / "cache"
+
+
+def test_a_parallel_joblib_sweep_shares_one_cpt(corpus, tmp_path):
+    """`-m hydra/launcher=joblib` with two policies: the two jobs run at once, and CPT runs exactly once
+    (the second job waits on the stage-cache key and reuses the first one's result)."""
+    import subprocess
+    import sys
+
+    from spear.paths import PROJECT_ROOT
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "spear.pipeline", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+         "policy=balanced,aggressive", *TINY, f"data.paths=[{corpus}]",
+         f"pipeline.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'multi'}", "logger=none",
+         "progress=false", "pipeline.frontier.ts=[0.0,1.0]"],
+        capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "is launching 2 jobs" in proc.stdout + proc.stderr
+    summaries = [json.loads((tmp_path / "multi" / str(job) / "summary.json").read_text()) for job in (0, 1)]
+    trains = [e["hit"] for s in summaries for e in s["cache"] if e["stage"] == "train"]
+    assert sorted(trains) == [False, True] and len(list((tmp_path / "cache" / "train").glob("*/done.json"))) == 1
+    assert {s["models"][2]["name"] for s in summaries} == {"balanced", "aggressive"}
