@@ -63,20 +63,20 @@ class PipelineState:
     def __init__(self, cfg) -> None:
         from spear.evaluation.harness import check_suite
         from spear.io.artifacts import StageCache, fingerprint_path
-        from spear.merging.controls import merge_from_spec, policy_from_spec, policy_label
+        from spear.merging.controls import Entry, entry_from_spec, policy_label
         from spear.models import resolve_model_dir
         from spear.runtime import resolve_device
 
         self.cfg = cfg
         # every input is checked before the first expensive step
-        self.entries = [(cfg.policy, None), *((policy_from_spec(p), merge_from_spec(p)) for p in cfg.pipeline.extra_policies)]
-        labels = [policy_label(policy, merge) for policy, merge in self.entries]
+        self.entries = [Entry(cfg.policy), *(entry_from_spec(p) for p in cfg.pipeline.extra_policies)]
+        labels = [policy_label(e.policy, e.merge) for e in self.entries]
         twice = sorted({label for label in labels if labels.count(label) > 1})
         if twice:
             raise SpearError(f"pipeline.extra_policies: two entries are both named {twice[0]!r}; give one a `label`")
-        for policy, merge in self.entries:
-            if policy.name == "optimized":
-                check_fit_kernel(merge or cfg.merge)
+        for entry in self.entries:
+            if entry.policy.name == "optimized":
+                check_fit_kernel(entry.merge or cfg.merge)
         check_suite(cfg.eval, cfg.proxy)
         self.device = resolve_device(cfg.device)
         self.cache = StageCache(Path(cfg.pipeline.cache_dir).expanduser().resolve())  # results hold its paths: absolute
@@ -224,10 +224,10 @@ class PipelineState:
         if cfg.pipeline.freeze_compare.enabled:
             entries.append(self.frozen_cpt_entry(seed, analysis["ranking"], entry))
         fits = {}
-        for policy, merge in self.entries:
-            if policy.name == "optimized":
-                label = policy_label(policy, merge)
-                fits[label] = self.fit(adapted, seed, policy, merge or cfg.merge, session)
+        for entry in self.entries:
+            if entry.policy.name == "optimized":
+                fits[policy_label(entry.policy, entry.merge)] = self.fit(adapted, seed, entry.policy,
+                                                                        entry.merge or cfg.merge, session)
         fitted = {label: TMap.from_json(fit["tmap"]) for label, fit in fits.items()}
         merge_key = cfg.merge.model_dump(mode="json")
         results_by_t = {0.0: adapted_results, 1.0: base_results}  # t=0 is the adapted model, t=1 the base, bit for bit

@@ -248,3 +248,19 @@ def test_a_parallel_joblib_sweep_shares_one_cpt(corpus, tmp_path):
     trains = [e["hit"] for s in summaries for e in s["cache"] if e["stage"] == "train"]
     assert sorted(trains) == [False, True] and len(list((tmp_path / "cache" / "train").glob("*/done.json"))) == 1
     assert {s["models"][2]["name"] for s in summaries} == {"balanced", "aggressive"}
+
+
+def test_an_entry_can_leave_its_controls_out():
+    from spear.analysis.ranking import Ranking
+    from spear.errors import SpearError
+    from spear.merging.controls import Entry, entry_from_spec, models_to_merge
+
+    ranking = Ranking.from_document({"num_layers": 4, "order": [1, 3, 2, 0],
+                                     "layers": [{"layer": i, "score": s} for i, s in enumerate([0.1, 0.9, 0.3, 0.5])]})
+    lines = entry_from_spec({"policy": "lines", "controls": False})
+    assert lines.controls is False and lines.policy.name == "lines"
+    names = [m.name for m in models_to_merge(ranking, [entry_from_spec("balanced"), lines], 4, controls=True, random_seed=0)]
+    assert names == ["balanced", "uniform@balanced", "balanced@random", "lines"]
+    assert isinstance(lines, Entry)
+    with pytest.raises(SpearError, match="controls='no' must be true or false"):
+        entry_from_spec({"policy": "lines", "controls": "no"})

@@ -8,7 +8,7 @@
   layers in the same way (does the placement matter?).
 
 A pipeline entry may name its own ``merge`` kernel (``{policy: uniform, t: 0.0, merge: {name: dg_hard,
-scope: all}}``); its controls use the same kernel.
+scope: all}}``), which its controls use too, and may leave its controls out (``controls: false``).
 """
 
 from __future__ import annotations
@@ -36,12 +36,31 @@ class MergedModel:
     merge: Any = None  # the entry's own merge config (None: the run's)
 
 
+@dataclass(frozen=True)
+class Entry:
+    """One compared policy: its config, its own kernel (``None``: the run's) and whether it gets controls."""
+
+    policy: Any
+    merge: Any = None
+    controls: bool = True
+
+
+def entry_from_spec(spec: str | dict[str, Any]) -> Entry:
+    """A ``pipeline.extra_policies`` entry: a policy option name, or a dict of the policy's keys plus
+    optional ``merge`` (:func:`merge_from_spec`) and ``controls`` (true/false)."""
+    controls = True if isinstance(spec, str) else spec.get("controls", True)
+    if not isinstance(controls, bool):
+        raise SpearError(f"pipeline.extra_policies entry {spec!r}: controls={controls!r} must be true or false")
+    return Entry(policy_from_spec(spec), merge_from_spec(spec), controls)
+
+
 def policy_from_spec(spec: str | dict[str, Any]):
-    """An extra policy: a policy option name, or ``{policy: name, label: ..., <key>: value}`` (a ``merge`` key
-    is the entry's kernel: :func:`merge_from_spec`)."""
+    """An extra policy: a policy option name, or ``{policy: name, label: ..., <key>: value}`` (``merge`` and
+    ``controls`` keys belong to the entry: :func:`entry_from_spec`)."""
     options = GROUP_OPTIONS["policy"]
     entry = {"policy": spec} if isinstance(spec, str) else dict(spec)
     entry.pop("merge", None)
+    entry.pop("controls", None)
     name = entry.pop("policy", None)
     if name not in options:
         raise SpearError(f"pipeline.extra_policies entry {spec!r} needs `policy: <one of {', '.join(options)}>`")
@@ -83,19 +102,20 @@ def policy_label(policy, merge=None) -> str:
     return label
 
 
-def models_to_merge(ranking: Ranking, entries: list[tuple[Any, Any]], num_layers: int, *, controls: bool,
+def models_to_merge(ranking: Ranking, entries: list[Entry], num_layers: int, *, controls: bool,
                     random_seed: int, fitted: dict[str, TMap] | None = None) -> list[MergedModel]:
-    """Every ``(policy, merge or None)`` entry's merged model, each followed by its two controls (when
-    ``controls``); ``fitted``: the t maps of fitted policies (``optimized``) by label."""
+    """Every entry's merged model, each followed by its two controls (when ``controls`` and the entry's
+    own ``controls``); ``fitted``: the t maps of fitted policies (``optimized``) by label."""
     out: list[MergedModel] = []
     shuffled = ranking.permuted(random_seed)
-    for policy, merge in entries:
+    for entry in entries:
+        policy, merge = entry.policy, entry.merge
         if policy.name == "target_retention":
             raise SpearError("policy=target_retention searches with its own evaluation; run it with `python -m spear.merge`")
         label = policy_label(policy, merge)
         tmap = (fitted or {})[label] if policy.name in FITTED else build_tmap(ranking, policy, num_layers)
         out.append(MergedModel(label, "policy", policy, tmap, merge=merge))
-        if not controls or policy.name == "uniform":
+        if not (controls and entry.controls) or policy.name == "uniform":
             continue
         mean_t = tmap.mean_t(num_layers)
         uniform = UniformPolicy(t=round(mean_t, 6), non_layer_t=policy.non_layer_t)
