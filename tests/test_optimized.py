@@ -139,7 +139,18 @@ def test_calibration_text_follows_the_evaluated_slice(cpt_pair):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     _, record = fit_tmap(model, tok, cpt_pair / "base", _policy(steps=2), _proxy(cpt_pair), SlerpMerge())
     for role in ("general", "domain"):
-        assert record["calibration"][role]["first_token"] == 256 and record["calibration"][role]["tokens"] == 1024
+        calibration = record["calibration"][role]
+        assert calibration["first_token"] >= calibration["evaluated_tokens"] == 256 and calibration["tokens"] == 1024
+    # token positions: evaluation reads [0, 256) of each corpus, the fit [256, 1280) of the same tokenisation
+    from spear.evaluation.perplexity import tokenize_corpus
+    from spear.evaluation.proxy import ProxyEvaluator, calibration_ids, read_corpus
+
+    proxy = _proxy(cpt_pair)
+    evaluated = ProxyEvaluator(tok, proxy).ids
+    for role in ("general", "domain"):
+        whole = tokenize_corpus(tok, read_corpus(getattr(proxy, role).source, role), 256 + 1024)
+        calib = calibration_ids(tok, proxy, role, 1024, "policy.calibration_tokens")
+        assert torch.equal(torch.cat([evaluated[role], calib]), whole)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # the model is left as it was
     assert not any(p.requires_grad is False for p in model.parameters())
 

@@ -152,11 +152,10 @@ def fit_tmap(model, tokenizer, base_dir: Path, policy, proxy, merge, *, progress
     device = next(model.parameters()).device
     pools = {role: calibration_ids(tokenizer, proxy, role, policy.calibration_tokens, "policy.calibration_tokens").to(device)
              for role in ("general", "domain")}
-    calibration = {role: {"source": getattr(proxy, role).source, "first_token": getattr(proxy, role).max_tokens,
-                          "tokens": int(ids.numel())} for role, ids in pools.items()}
-    for role, info in calibration.items():
-        if info["first_token"] < getattr(proxy, role).max_tokens:  # the evaluated slice is [0, max_tokens)
-            raise SpearError(f"calibration text of proxy.{role} overlaps its evaluation slice")
+    # evaluations read tokens [0, max_tokens) of each corpus; the fit reads the ones after them
+    calibration = {role: {"source": getattr(proxy, role).source, "evaluated_tokens": getattr(proxy, role).max_tokens,
+                          "first_token": getattr(proxy, role).max_tokens, "tokens": int(ids.numel())}
+                   for role, ids in pools.items()}
     window = min(policy.window, *(int(ids.numel()) for ids in pools.values()))
     gen = torch.Generator().manual_seed(policy.seed)
 
