@@ -224,10 +224,10 @@ class PipelineState:
         if cfg.pipeline.freeze_compare.enabled:
             entries.append(self.frozen_cpt_entry(seed, analysis["ranking"], entry))
         fits = {}
-        for entry in self.entries:
-            if entry.policy.name == "optimized":
-                fits[policy_label(entry.policy, entry.merge)] = self.fit(adapted, seed, entry.policy,
-                                                                        entry.merge or cfg.merge, session)
+        for compared in self.entries:
+            if compared.policy.name == "optimized":
+                fits[policy_label(compared.policy, compared.merge)] = self.fit(adapted, seed, compared.policy,
+                                                                              compared.merge or cfg.merge, session)
         fitted = {label: TMap.from_json(fit["tmap"]) for label, fit in fits.items()}
         merge_key = cfg.merge.model_dump(mode="json")
         results_by_t = {0.0: adapted_results, 1.0: base_results}  # t=0 is the adapted model, t=1 the base, bit for bit
