@@ -151,14 +151,13 @@ class PipelineState:
         self.account(f"analyze seed {seed}", hit["seconds"], self.cache.events[-1]["hit"])
         return hit
 
-    def fit(self, adapted: dict[str, Any], seed: int, policy, merge, session: LazyMerger) -> dict[str, Any]:
-        """The fitted t map of an ``optimized`` policy on the adapted model of ``seed`` (cached)."""
-        from spear.merging.controls import policy_label
+    def fit(self, adapted: dict[str, Any], seed: int, entry, label: str, session: LazyMerger) -> dict[str, Any]:
+        """The fitted t map of an ``optimized`` entry on the adapted model of ``seed`` (cached)."""
         from spear.merging.optimize import fit_tmap
 
+        policy, merge = entry.policy, entry.merge or self.cfg.merge
         key = stage_key(policy.replace(label=None), adapted["key"], self.base_fp, merge.model_dump(mode="json"),
                         self.cfg.proxy.model_dump(mode="json"), self.cfg.model.dtype)
-        label = policy_label(policy, None if merge is self.cfg.merge else merge)
         with self.cache.claim("fit", key):
             hit = self.cache.lookup("fit", key)
             if hit is None:
@@ -226,8 +225,8 @@ class PipelineState:
         fits = {}
         for compared in self.entries:
             if compared.policy.name == "optimized":
-                fits[policy_label(compared.policy, compared.merge)] = self.fit(adapted, seed, compared.policy,
-                                                                              compared.merge or cfg.merge, session)
+                label = policy_label(compared.policy, compared.merge)
+                fits[label] = self.fit(adapted, seed, compared, label, session)
         fitted = {label: TMap.from_json(fit["tmap"]) for label, fit in fits.items()}
         merge_key = cfg.merge.model_dump(mode="json")
         results_by_t = {0.0: adapted_results, 1.0: base_results}  # t=0 is the adapted model, t=1 the base, bit for bit

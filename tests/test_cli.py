@@ -128,6 +128,7 @@ def test_every_stage_records_the_config_that_made_its_outputs(tiny_llama_dir, tm
     assert proc.returncode == 0, proc.stderr[-2000:]
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["policy"]["t"] == 0.25 and saved["task_name"] == "merge"
+    assert "command: `python -m spear.merge logger=none progress=false" in (run_dir / "model" / "README.md").read_text()
     again = _stage("merge", run_dir, f"base={tiny_llama_dir}", f"adapted={tiny_llama_dir}", "policy=uniform",
                    "policy.t=0.75")  # refused: the output exists
     assert again.returncode == 2

@@ -251,3 +251,16 @@ def test_chat_nll_scores_the_answer_tokens_of_the_assistant_turn(tmp_path):
             total += float(torch.nn.functional.cross_entropy(logits, ids[0, len(head):], reduction="sum"))
             count += len(answer)
     assert value["tokens"] == count and value["nll"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_a_published_json_file_of_the_wrong_shape_says_which_format_it_needs(tmp_path):
+    from spear.evaluation.custom import load_docs
+
+    fiqa = tmp_path / "task1.json"
+    fiqa.write_text("[1, 2]")
+    with pytest.raises(SpearError, match="top level is a JSON list, not the dict of FiQA task 1's JSON file"):
+        load_docs(_entry(name="fiqa_sa", path=str(fiqa), format="fiqa_sa"))
+    finqa = tmp_path / "test.json"
+    finqa.write_text('{"qa": 1')
+    with pytest.raises(SpearError, match="test.json line 1 is not JSON .*give a FinQA split file"):
+        load_docs(_entry(name="finqa", path=str(finqa), format="finqa"))

@@ -159,13 +159,19 @@ def _fpb(entry) -> list[tuple[int, dict[str, Any]]]:
     return out
 
 
-def _fiqa_sa(entry) -> list[tuple[int, dict[str, Any]]]:
+def _json_file(entry, top: type, what: str) -> Any:
+    """A published benchmark's JSON document, whose top level must be a ``top`` (``what`` names the format)."""
     try:
         data = json.loads(_text_of(entry))
     except json.JSONDecodeError as err:
-        raise SpearError(f"{_where(entry, err.lineno)} is not JSON ({err.msg}); give FiQA task 1's JSON file") from None
-    if not isinstance(data, dict):
-        raise SpearError(f"{_where(entry)}: the top level is not an object of id -> record (FiQA task 1 format)")
+        raise SpearError(f"{_where(entry, err.lineno)} is not JSON ({err.msg}); give {what}") from None
+    if not isinstance(data, top):
+        raise SpearError(f"{_where(entry)}: the top level is a JSON {type(data).__name__}, not the {top.__name__} of {what}")
+    return data
+
+
+def _fiqa_sa(entry) -> list[tuple[int, dict[str, Any]]]:
+    data = _json_file(entry, dict, "FiQA task 1's JSON file (id -> record)")
     out = []
     for n, (key, item) in enumerate(data.items(), start=1):
         info = (item or {}).get("info") if isinstance(item, dict) else None
@@ -196,12 +202,7 @@ def _headline(entry) -> list[tuple[int, dict[str, Any]]]:
 
 
 def _finqa(entry) -> list[tuple[int, dict[str, Any]]]:
-    try:
-        data = json.loads(_text_of(entry))
-    except json.JSONDecodeError as err:
-        raise SpearError(f"{_where(entry, err.lineno)} is not JSON ({err.msg}); give a FinQA split file") from None
-    if not isinstance(data, list):
-        raise SpearError(f"{_where(entry)}: the top level is not a list of examples (FinQA format)")
+    data = _json_file(entry, list, "a FinQA split file (a list of examples)")
     out = []
     for n, item in enumerate(data, start=1):
         try:

@@ -141,9 +141,11 @@ def uses_chat_template(eval_cfg, tokenizer, name: str = "the model") -> bool:
     if eval_cfg.chat_template == "on" and not has:
         raise SpearError(f"eval.chat_template=on but the tokenizer of {name} has no chat template; "
                          "set eval.chat_template=auto (use it where there is one) or off")
-    if eval_cfg.fewshot_as_multiturn and not (eval_cfg.chat_template == "on" or has and eval_cfg.chat_template == "auto"):
-        raise SpearError("eval.fewshot_as_multiturn=true needs the chat template; set eval.chat_template=on or auto")
-    return eval_cfg.chat_template == "on" or (eval_cfg.chat_template == "auto" and has)
+    chat = eval_cfg.chat_template == "on" or (eval_cfg.chat_template == "auto" and has)
+    if eval_cfg.fewshot_as_multiturn and not chat:
+        raise SpearError("eval.fewshot_as_multiturn=true needs the chat template; set eval.chat_template=on (or auto "
+                         "with a tokenizer that has one)")
+    return chat
 
 
 def run_lm_eval(model, tokenizer, eval_cfg, chat: bool = False, include: Path | None = None) -> dict[str, Any] | None:

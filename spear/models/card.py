@@ -73,8 +73,15 @@ def _provenance(models: dict[str, Path]) -> list[str]:
     return [*lines, ""]
 
 
+def command_line() -> str:
+    """The command that is running: ``python -m <module> <args>`` for an entry point, else the script's."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    program = f"python -m {spec.name}" if spec is not None else f"python {sys.argv[0] if sys.argv else ''}"
+    return " ".join([program, *sys.argv[1:]])
+
+
 def _made_by(config_yaml: str, version: str) -> list[str]:
-    command = " ".join(["python -m", Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "spear", *sys.argv[1:]])
+    command = command_line()
     return ["## How it was made", "", f"spear-mm {version}; command: `{command}`", "",
             "The validated config of the run:", "", "```yaml", config_yaml.rstrip(), "```", ""]
 
