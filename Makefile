@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup install assets demo test test-fast lint bench clean
+.PHONY: setup install assets demo test test-fast lint bench check-deepspeed clean
 
 setup: install assets
 
@@ -52,5 +52,15 @@ lint: install
 bench: setup
 	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
 
+# `pip install -e '.[deepspeed]'` on this machine, into a venv layered on the project's (its torch and
+# packages seen through a .pth file, so only DeepSpeed is added), then the ZeRO-2/3 configs instantiate.
+DS_VENV := .venv-deepspeed
+check-deepspeed: install
+	@test -x $(DS_VENV)/bin/python || $(PYTHON) -m venv $(DS_VENV)
+	@$(PY) -c "import site; print(site.getsitepackages()[0])" > "$$($(DS_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/_spear_base.pth"
+	$(DS_VENV)/bin/python -m pip install -q -e ".[deepspeed]"
+	$(DS_VENV)/bin/python -c "import deepspeed; print('deepspeed', deepspeed.__version__)"
+	$(DS_VENV)/bin/python -m pytest -q tests/test_train.py -k "trainer_config"
+
 clean:
-	rm -rf $(VENV) runs outputs multirun wandb
+	rm -rf $(VENV) $(DS_VENV) runs outputs multirun wandb

@@ -8,6 +8,8 @@ created and that holds nothing but Hydra's bookkeeping afterwards is removed; a 
 before the run (``hydra.run.dir=<existing dir>``) is never removed, and the ``.hydra/`` record a
 failing run wrote over is put back. A run dir named on the command line has one spear process at a
 time (``.spear-run.lock`` inside it, taken before Hydra writes there): a second one fails fast.
+The extra processes a distributed launcher starts (Lightning's DDP re-runs the command once per
+rank) work in rank 0's run dir: they neither lock it nor clean it up.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ def _requested_run_dir(argv: list[str]) -> Path | None:
             value = arg.split("=", 1)[1]
             return None if "${" in value else Path(value).expanduser().resolve()
     return None
+
+
+def _secondary_rank() -> bool:
+    """Whether a launcher started this process for a rank other than 0 (rank 0 holds the run dir)."""
+    return any(os.environ.get(var, "0") not in ("", "0") for var in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
 RUN_LOCK = ".spear-run.lock"
@@ -112,7 +119,9 @@ def hydra_entry(stage: str, target: str) -> Callable[[], None]:
             _stage_function(target)(validate(cfg, stage))
         except SpearError as err:
             logging.shutdown()
-            if run_dir in earlier_record:
+            if _secondary_rank():
+                pass  # the run dir is rank 0's to keep or clean up
+            elif run_dir in earlier_record:
                 _restore(run_dir / HYDRA_SUBDIR, earlier_record[run_dir])
             else:
                 _remove_if_only_bookkeeping(run_dir, str(cfg.task_name))
@@ -126,7 +135,7 @@ def hydra_entry(stage: str, target: str) -> Callable[[], None]:
                 check_overrides(stage, overrides)
             except SpearError as err:
                 _fail(err)
-        requested = _requested_run_dir(sys.argv[1:])
+        requested = None if _secondary_rank() else _requested_run_dir(sys.argv[1:])
         if requested is None:
             _main()
             return

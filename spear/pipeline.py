@@ -34,6 +34,17 @@ def stage_key(stage_cfg, *inputs: Any) -> str:
     return content_key(stage_cfg.model_dump(mode="json", exclude=KEY_EXCLUDES), *inputs)
 
 
+def check_single_process(trainer: dict[str, Any]) -> None:
+    """The pipeline trains in its own process: a launcher that re-runs the command once per rank
+    (Lightning's DDP) would re-run the whole pipeline, so multi-process CPT goes through spear.train."""
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1) or 1
+    single = (devices == 1 or devices in ([0], ["0"])) and int(nodes) == 1
+    if not single:
+        raise SpearError(f"the pipeline trains in one process but trainer.devices={devices} (trainer.num_nodes={nodes}) "
+                         "asks for several; run the CPT with `python -m spear.train trainer=...` and pass its model "
+                         "as pipeline.adapted=<run dir>/model, or set trainer.devices=1")
+
+
 class LazyMerger:
     """The adapted model with its in-memory merger, loaded on first use (never, when every evaluation is cached)."""
 
@@ -78,6 +89,8 @@ class PipelineState:
             if entry.policy.name == "optimized":
                 check_fit_kernel(entry.merge or cfg.merge)
         check_suite(cfg.eval, cfg.proxy)
+        if not cfg.pipeline.adapted or cfg.pipeline.freeze_compare.enabled:  # the pipeline runs a CPT
+            check_single_process(cfg.trainer)
         self.device = resolve_device(cfg.device)
         self.cache = StageCache(Path(cfg.pipeline.cache_dir).expanduser().resolve())  # results hold its paths: absolute
         self.base_dir = resolve_model_dir(cfg.model.ref, allow_pickle=cfg.model.allow_pickle,

@@ -130,6 +130,9 @@ def test_invalid_inputs_fail_before_anything_is_evaluated(corpus, tmp_path):
         run_pipeline(compose("pipeline", [*overrides, "pipeline.extra_policies=[nope]"]))
     with pytest.raises(SpearError, match="proxy.general.source"):
         run_pipeline(compose("pipeline", [*overrides, f"proxy.general.source={tmp_path / 'missing.txt'}"]))
+    # a multi-process trainer would re-run the whole pipeline once per rank: the CPT goes through spear.train
+    with pytest.raises(SpearError, match=r"trainer.devices=2 .*pipeline.adapted=<run dir>/model"):
+        run_pipeline(compose("pipeline", [*overrides, "trainer=ddp_cpu"]))
     assert not (tmp_path / "cache").exists()
 
 

@@ -76,7 +76,8 @@ class CPTModule(pl.LightningModule):
         input_ids = batch["input_ids"]
         loss = self(input_ids)
         self.tokens_seen += input_ids.numel()
-        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=input_ids.shape[0])
+        # the mean over ranks (a no-op on one process), so a DDP run logs the loss of its global batch
+        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=input_ids.shape[0], sync_dist=True)
         self.log("train/ppl", torch.exp(loss.detach().float()), on_step=True, batch_size=input_ids.shape[0])
         return loss
 
