@@ -10,7 +10,7 @@ as ``save_pretrained`` writes them (5 GB shards with an index). Then, each as a 
   (the same loop ``bench_merge.py`` uses): the least a merge must do for the same bytes.
 
 Printed per stage: bytes read, wall time, seconds per GB, the ratio to the I/O floor, and peak
-RSS (the child's ``ru_maxrss`` from ``wait4``, i.e. VmHWM) next to the largest tensor in float32.
+RSS (each child's own VmHWM) next to the largest tensor in float32.
 Targets (recorded, not asserted): peak RSS does not grow with the number of layers (a small
 multiple of the largest float32 tensor), and seconds per GB within 1.5x of the 135M-shaped pair's
 (``--size 135m`` is always measured first as the reference, in the same run).
@@ -109,28 +109,33 @@ def write_pair(size: str, work: Path) -> tuple[Path, Path, dict]:
     return *dirs, info
 
 
+# Runs a stage's module as __main__ and prints the process's own VmHWM: a child's ru_maxrss would
+# carry this (large) parent's peak across fork + exec.
+CHILD_STAGE = r"""
+import runpy, sys
+sys.argv = [{module!r}, *{argv!r}]
+try:
+    runpy.run_module({module!r}, run_name="__main__", alter_sys=True)
+finally:
+    hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    print("RESULT {{\"hwm_kb\": %d}}" % hwm, flush=True)
+"""
+
+
 def timed_process(cmd: list[str], timeout: float = 7200) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS bytes from ``wait4``, stdout) of one child process."""
+    """(wall seconds, the child's own peak RSS in bytes, stdout) of ``cmd``, a ``python -c`` child that
+    ends with a ``RESULT {"hwm_kb": ...}`` line."""
     start = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, env=child_env(), cwd=ROOT, stdout=out, stderr=err, text=True)
-        deadline = start + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() > deadline:
-                proc.kill()
-                raise RuntimeError(f"{' '.join(cmd[:4])} ran past {timeout}s")
-            time.sleep(0.2)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.perf_counter() - start
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
+    proc = subprocess.run(cmd, env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - start
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{stderr[-3000:]}")
-    return wall, usage.ru_maxrss * 1024, stdout
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    result = json.loads(next(ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("RESULT "))[7:])
+    return wall, result["hwm_kb"] * 1024, proc.stdout
+
+
+def stage_process(module: str, *argv: str) -> tuple[float, int, str]:
+    return timed_process([sys.executable, "-c", CHILD_STAGE.format(module=module, argv=list(argv))])
 
 
 def model_bytes(model_dir: Path) -> int:
@@ -141,18 +146,17 @@ def measure(size: str, work: Path) -> dict:
     base, adapted, info = write_pair(size, work)
     runs = work / size / "runs"
     shutil.rmtree(runs, ignore_errors=True)  # our own outputs of an earlier run of this benchmark
-    stage = [sys.executable, "-m"]
     common = ["logger=none", "progress=false", "model.ref=" + str(base), f"base={base}", f"adapted={adapted}"]
     pair_bytes = model_bytes(base) + model_bytes(adapted)
     row = {"size": size, **info, "bytes_per_model": model_bytes(base)}
 
     log(f"[{size}] analyze")
-    wall, rss, _ = timed_process([*stage, "spear.analyze", *common, f"hydra.run.dir={runs / 'analyze'}"])
+    wall, rss, _ = stage_process("spear.analyze", *common, f"hydra.run.dir={runs / 'analyze'}")
     row["analyze"] = {"wall_s": round(wall, 2), "peak_rss_bytes": rss, "bytes_read": pair_bytes}
 
     log(f"[{size}] merge")
     ranking = runs / "analyze" / "ranking.json"
-    wall, rss, _ = timed_process([*stage, "spear.merge", *common, f"ranking={ranking}", f"hydra.run.dir={runs / 'merge'}"])
+    wall, rss, _ = stage_process("spear.merge", *common, f"ranking={ranking}", f"hydra.run.dir={runs / 'merge'}")
     report = json.loads((runs / "merge" / "merge_report.json").read_text())
     row["merge"] = {"wall_s": round(wall, 2), "peak_rss_bytes": rss, "bytes_read": pair_bytes,
                     "bytes_written": model_bytes(runs / "merge" / "model"), "loop_s": report.get("seconds")}
@@ -164,6 +168,7 @@ def measure(size: str, work: Path) -> dict:
     wall, rss, stdout = timed_process([sys.executable, "-c", code])
     shutil.rmtree(floor_out, ignore_errors=True)
     floor = json.loads(next(ln for ln in reversed(stdout.splitlines()) if ln.startswith("RESULT "))[7:])
+    rss = floor["hwm_kb"] * 1024
     row["io_floor"] = {"wall_s": round(wall, 2), "peak_rss_bytes": rss, "loop_s": round(floor["loop_seconds"], 2)}
 
     gb = pair_bytes / 1e9

@@ -33,21 +33,33 @@ def resolve_device(name: str | None, key: str = "device") -> str:
     return name
 
 
+def _proc_status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far.
 
     Linux: ``VmHWM`` of ``/proc/self/status`` (this process's own high-water mark; ``ru_maxrss``
     would carry a big parent's peak across fork + exec); elsewhere ``ru_maxrss``.
     """
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def rss_bytes() -> int | None:
+    """Resident set size of this process now (``VmRSS``; ``None`` where /proc is missing)."""
+    return _proc_status_bytes("VmRSS")
 
 
 @contextlib.contextmanager

@@ -301,3 +301,24 @@ def test_gradient_checkpointing_with_frozen_embeddings(compose, tmp_path, tiny_l
     assert torch.equal(base["model.embed_tokens.weight"], trained["model.embed_tokens.weight"])
     assert torch.equal(base["model.layers.0.mlp.up_proj.weight"], trained["model.layers.0.mlp.up_proj.weight"])
     assert not torch.equal(base["model.layers.1.mlp.up_proj.weight"], trained["model.layers.1.mlp.up_proj.weight"])
+
+
+def test_the_summary_accounts_for_the_cpt_memory(compose, tmp_path, tiny_llama_dir, corpus):
+    """Peak RSS next to its measured parts: AdamW state is two float32 tensors (and a step) per trainable
+    parameter only, gradients are the trainable bytes, and the activations saved for backward scale with the batch."""
+    from spear.cpt.stage import run_train
+
+    memory = {}
+    for batch in (2, 4):
+        summary = run_train(_cfg(compose, tmp_path, tiny_llama_dir, corpus, "freeze=first", "freeze.k=2",
+                                 f"data.batch_size={batch}", "checkpoint.enabled=false", out=f"run{batch}"))
+        memory[batch] = summary["memory"]
+    m = memory[2]
+    trainable_bytes = 4 * summary["trainable_params"]
+    assert m["grad_bytes"] == trainable_bytes < m["weights_bytes"] == 4 * summary["total_params"]
+    assert m["optimizer_state_bytes"] == 2 * trainable_bytes + 4 * summary["freeze"]["num_trainable_params"]
+    vocab = 259  # the byte tokenizer's vocabulary: the float32 log-softmax of the logits is saved for backward
+    assert m["activation_bytes"] >= 2 * 32 * vocab * 4
+    assert 1.8 <= memory[4]["activation_bytes"] / m["activation_bytes"] <= 2.2
+    assert m["expected_peak_bytes"] == m["rss_at_start_bytes"] + m["grad_bytes"] + m["optimizer_state_bytes"] + m["activation_bytes"]
+    assert m["unexplained_bytes"] == m["peak_rss_bytes"] - m["expected_peak_bytes"]

@@ -20,6 +20,8 @@ import pytorch_lightning as pl
 import torch
 from torchmetrics import MeanMetric
 
+from spear.cpt.memory import SavedActivations
+
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
     """LR multiplier: linear warmup over ``warmup_steps``, then cosine to ``min_lr_ratio``."""
@@ -68,13 +70,20 @@ class CPTModule(pl.LightningModule):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.val_loss = MeanMetric()
         self.tokens_seen = 0  # this rank's training tokens (restored on resume)
+        self.activation_bytes: int | None = None  # saved for backward by one batch (spear.cpt.memory)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return next_token_loss(self.model, input_ids)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         input_ids = batch["input_ids"]
-        loss = self(input_ids)
+        if self.activation_bytes is None:  # the first batch: count what autograd keeps for backward
+            saved = SavedActivations(self.model)
+            with saved.counting():
+                loss = self(input_ids)
+            self.activation_bytes = saved.bytes
+        else:
+            loss = self(input_ids)
         self.tokens_seen += input_ids.numel()
         # the mean over ranks (a no-op on one process), so a DDP run logs the loss of its global batch
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=input_ids.shape[0], sync_dist=True)

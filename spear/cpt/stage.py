@@ -5,7 +5,8 @@ corpus (``data``, cached), trains with the Lightning Trainer of ``trainer`` (log
 callbacks from ``callbacks``), and writes into the run dir:
 
 * ``model/``: the trained model as a complete HF dir (safetensors, tokenizer), written atomically;
-* ``train_summary.json``: tokens, speed, memory, parameter counts, frozen layers, config hash;
+* ``train_summary.json``: tokens, speed, memory (peak RSS next to its parts, :mod:`spear.cpt.memory`),
+  parameter counts, frozen layers, config hash;
 * ``trainable_parameters.txt``: one trainable parameter name per line (frozen ones in the summary);
 * ``config.yaml``: the validated config; ``checkpoints/``: Lightning checkpoints (``ckpt_path=`` resumes).
 
@@ -33,6 +34,7 @@ from spear.config import resolved_yaml, save_run_config
 from spear.cpt.callbacks import SpeedMonitor
 from spear.cpt.export import gather_trained_model, save_hf_dir
 from spear.cpt.freeze import apply_freeze, plan_for_model, ranking_for
+from spear.cpt.memory import memory_account
 from spear.cpt.module import CPTModule
 from spear.cpt.strategies import build_trainer, trainer_kwargs
 from spear.data.datamodule import SpearDataModule
@@ -41,7 +43,7 @@ from spear.io.atomic import check_completed, check_output_free, write_json_atomi
 from spear.models import layer_map_for, load_model, resolve_model_dir
 from spear.models.card import write_train_card
 from spear.models.loading import torch_dtype
-from spear.runtime import peak_rss_bytes
+from spear.runtime import peak_rss_bytes, rss_bytes
 from spear.tracking import build_logger, finish_logger
 
 log = logging.getLogger(__name__)
@@ -158,9 +160,13 @@ def run_train(cfg) -> dict[str, Any]:
     if trainer.logger:
         trainer.logger.log_hyperparams(cfg.model_dump(mode="json"))
 
+    rss_at_start = rss_bytes()
     t_fit = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     fit_s = time.perf_counter() - t_fit
+    memory = memory_account(module.model, trainer.optimizers[0] if trainer.optimizers else None,
+                            rss_at_start=rss_at_start, activation_bytes=module.activation_bytes,
+                            peak_rss=peak_rss_bytes())
 
     trained = gather_trained_model(trainer, module, base_dir=base_dir, dtype=torch_dtype(cfg.model.dtype),
                                    frozen=plan.frozen_params, ckpt_dir=ckpt_dir)
@@ -184,6 +190,7 @@ def run_train(cfg) -> dict[str, Any]:
         "fit_seconds": round(fit_s, 3),
         "wall_seconds": round(time.perf_counter() - t_start, 3),
         **_resources(),
+        "memory": memory,
         "trainable_params": counts["trainable"],
         "frozen_params": counts["frozen"],
         "total_params": counts["total"],
