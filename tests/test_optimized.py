@@ -108,7 +108,7 @@ def _calibration_objective(model, tokenizer, root, tmap, merge, domain_weight: f
     return losses["general"] + domain_weight * losses["domain"]
 
 
-@pytest.mark.parametrize("granularity", ["layer", "module"])
+@pytest.mark.parametrize("granularity", ["layer", "module", "tied"])
 def test_the_fit_beats_every_uniform_point_on_its_objective_with_t_in_the_unit_interval(cpt_pair, granularity):
     from spear.config.schema import LinearMerge
     from spear.merging.optimize import fit_tmap
@@ -116,9 +116,12 @@ def test_the_fit_beats_every_uniform_point_on_its_objective_with_t_in_the_unit_i
 
     model, tok = _load(cpt_pair / "adapted")
     merge = LinearMerge()
-    policy = _policy(granularity=granularity)
+    policy = _policy(tie_layers=True) if granularity == "tied" else _policy(granularity=granularity)
     tmap, record = fit_tmap(model, tok, cpt_pair / "base", policy, _proxy(cpt_pair), merge)
     assert all(0.0 <= t <= 1.0 for t in record["t"])
+    if granularity == "tied":  # two parameters: every layer at one t, the non-layer tensors at another
+        assert record["units"] == ["layers", "non_layer"] and set(tmap.layer_t.values()) == {record["t"][0]}
+        assert tmap.non_layer_t == record["t"][1]
     fitted = _calibration_objective(model, tok, cpt_pair, tmap, merge, policy.domain_weight)
     # the TMap merges to the model that was optimised
     assert fitted == pytest.approx(record["after"]["objective"], rel=1e-4)

@@ -265,5 +265,12 @@ def test_an_entry_can_leave_its_controls_out():
     names = [m.name for m in models_to_merge(ranking, [entry_from_spec("balanced"), lines], 4, controls=True, random_seed=0)]
     assert names == ["balanced", "uniform@balanced", "balanced@random", "lines"]
     assert isinstance(lines, Entry)
+    # a fit with one t for every layer has controls identical to itself: none are evaluated
+    from spear.merging.plan import TMap
+
+    tied = entry_from_spec({"policy": "optimized", "tie_layers": True})
+    fitted = {"optimized_w1_tied": TMap.of_layers(dict.fromkeys(range(4), 0.4), 0.6)}
+    assert [m.name for m in models_to_merge(ranking, [tied], 4, controls=True, random_seed=0, fitted=fitted)] == [
+        "optimized_w1_tied"]
     with pytest.raises(SpearError, match="controls='no' must be true or false"):
         entry_from_spec({"policy": "lines", "controls": "no"})

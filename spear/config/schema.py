@@ -250,6 +250,8 @@ class OptimizedPolicy(PolicyBase):
     name: Literal["optimized"] = "optimized"
     domain_weight: float = knob(1.0, "lambda: the fit minimises general NLL + lambda * domain NLL on calibration text", ge=0.0)
     fit_non_layer: bool = knob(True, "fit embeddings, final norm and lm_head as one more unit (false: non_layer_t)")
+    tie_layers: bool = knob(False, "one t shared by every decoder layer: with fit_non_layer, the two-parameter baseline "
+                                   "(a uniform merge whose non-layer tensors get their own fitted t)")
     init_t: Strength = knob(0.5, "every unit's t before the fit (the uniform point it starts from)")
     steps: int = knob(24, "Adam steps on logit(t)", ge=1)
     lr: float = knob(0.3, "Adam learning rate on logit(t)", gt=0.0)

@@ -119,11 +119,11 @@ def _comments(path: Path) -> dict[str, str]:
 
 
 def _yaml_option(group: str, name: str) -> dict[str, Any]:
-    """An option of a YAML group with its ``defaults: [default]`` merged in."""
+    """An option of a YAML group with the options its ``defaults`` list names merged in (recursively)."""
     from omegaconf import OmegaConf
 
     node = OmegaConf.load(CONF_DIR / group / f"{name}.yaml")
-    parts = [OmegaConf.load(CONF_DIR / group / f"{d}.yaml") for d in node.pop("defaults", []) if isinstance(d, str) and d != "_self_"]
+    parts = [OmegaConf.create(_yaml_option(group, d)) for d in node.pop("defaults", []) if isinstance(d, str) and d != "_self_"]
     return OmegaConf.to_container(OmegaConf.merge(*parts, node)) if parts else OmegaConf.to_container(node)
 
 

@@ -94,7 +94,7 @@ def policy_label(policy, merge=None) -> str:
     if policy.name in ("uniform", "layers", "top_k"):
         label += f"_t{policy.t}"
     if policy.name == "optimized":
-        label += f"_w{policy.domain_weight:g}"
+        label += f"_w{policy.domain_weight:g}" + ("_tied" if policy.tie_layers else "")
     if policy.granularity != "layer":
         label += f"_{policy.granularity}"
     if merge is not None:
@@ -115,7 +115,8 @@ def models_to_merge(ranking: Ranking, entries: list[Entry], num_layers: int, *, 
         label = policy_label(policy, merge)
         tmap = (fitted or {})[label] if policy.name in FITTED else build_tmap(ranking, policy, num_layers)
         out.append(MergedModel(label, "policy", policy, tmap, merge=merge))
-        if not (controls and entry.controls) or policy.name == "uniform":
+        same_t_everywhere = policy.name == "uniform" or (policy.name == "optimized" and policy.tie_layers)
+        if not (controls and entry.controls) or same_t_everywhere:  # its controls would be the model itself
             continue
         mean_t = tmap.mean_t(num_layers)
         uniform = UniformPolicy(t=round(mean_t, 6), non_layer_t=policy.non_layer_t)

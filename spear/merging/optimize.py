@@ -2,8 +2,8 @@
 
 Rankings built from how weights moved slide along the uniform-interpolation curve; coefficients
 fitted to a loss can leave it (AdaMerging). Here every unit (a decoder layer, or a layer's
-``attn``/``mlp`` group with ``granularity=module``, plus embeddings/final norm/lm_head as one unit
-with ``fit_non_layer``) gets ``t = sigmoid(z)``, and Adam on ``z`` minimises
+``attn``/``mlp`` group with ``granularity=module``, or all layers together with ``tie_layers``, plus
+embeddings/final norm/lm_head as one unit with ``fit_non_layer``) gets ``t = sigmoid(z)``, and Adam on ``z`` minimises
 
     general NLL + ``domain_weight`` x domain NLL
 
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 DIFFERENTIABLE = ("slerp", "linear", "task_arithmetic")
 NON_LAYER = "non_layer"
+ALL_LAYERS = "layers"  # the one unit of tie_layers
 
 
 def check_fit_kernel(merge) -> None:
@@ -45,8 +46,12 @@ def check_fit_kernel(merge) -> None:
 
 def fit_units(policy, num_layers: int) -> list[Unit | str]:
     """The units whose ``t`` is fitted, in the order of the fitted vector."""
-    units: list[Unit | str] = [Unit(layer) for layer in range(num_layers)] if policy.granularity == "layer" else [
-        Unit(layer, group) for layer in range(num_layers) for group in GROUPS]
+    if policy.tie_layers:
+        units: list[Unit | str] = [ALL_LAYERS]
+    elif policy.granularity == "layer":
+        units = [Unit(layer) for layer in range(num_layers)]
+    else:
+        units = [Unit(layer, group) for layer in range(num_layers) for group in GROUPS]
     return [*units, NON_LAYER] if policy.fit_non_layer else units
 
 
@@ -54,6 +59,8 @@ def tmap_of(units: list[Unit | str], ts: list[float], policy, num_layers: int) -
     """The :class:`TMap` of fitted unit ``ts`` (module granularity: layer norms take the mean of the groups)."""
     values = dict(zip(units, ts, strict=True))
     non_layer = values.pop(NON_LAYER, policy.non_layer_t)
+    if ALL_LAYERS in values:
+        return TMap.of_layers(dict.fromkeys(range(num_layers), values[ALL_LAYERS]), non_layer)
     if policy.granularity == "layer":
         return TMap(values, non_layer)
     return TMap.of_groups(values, num_layers, non_layer)
