@@ -119,11 +119,9 @@ def hydra_entry(stage: str, target: str) -> Callable[[], None]:
             _stage_function(target)(validate(cfg, stage))
         except SpearError as err:
             logging.shutdown()
-            if _secondary_rank():
-                pass  # the run dir is rank 0's to keep or clean up
-            elif run_dir in earlier_record:
+            if run_dir in earlier_record:
                 _restore(run_dir / HYDRA_SUBDIR, earlier_record[run_dir])
-            else:
+            elif not _secondary_rank():  # the run dir is rank 0's to keep or clean up
                 _remove_if_only_bookkeeping(run_dir, str(cfg.task_name))
             _fail(err)
 
