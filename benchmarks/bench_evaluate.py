@@ -12,7 +12,7 @@ Same process, same model (the embedded SmolLM2-135M; ``--tiny`` for tiny_llama),
 
 Tokens are the tokens forwarded (padding included, the same for a path and its baseline), so the
 ratio is a time ratio. Repeats interleave path and baseline; min / median / max are reported with
-whether they agree within 5%. MFU = tokens/s x forward model FLOPs per token / the attainable matmul
+whether they resolve 5% (95% interval of the mean within ±2.5%). MFU = tokens/s x forward model FLOPs per token / the attainable matmul
 FLOP/s at the batch's GEMM shapes (``roofline.py``). Target (recorded, not asserted): each path
 >= 0.8x its baseline. The last line is the JSON object.
 """

@@ -5,8 +5,8 @@ Same machine, same run, same model, batches, sequence length, precision (fp32) a
 (``--shape``, default the demo's 4x256 and 2x128): the attainable matmul FLOP/s at the model's
 GEMM shapes is measured before and after (``roofline.py``); each repeat times enough optimizer
 steps to fill ``--window-s`` seconds after ``--warmup`` untimed ones; repeats interleave the paths
-(alternating which goes first), and min / median / max are reported with whether they agree within
-5% (the JSON line says when they do not: too noisy to decide).
+(alternating which goes first); min / median / max are reported with the 95% interval of the mean,
+which resolves 5% when it is within ±2.5% (the JSON line says when it is not: too noisy to decide).
 
 * throughput: tokens/s of ``spear.train``'s code path (``spear.config.compose("train", ...)`` ->
   SpearDataModule + CPTModule + build_trainer, with its callbacks) vs the plain loop, as the

@@ -9,7 +9,8 @@
   convention (arXiv 2204.02311, App. B): ``6 N + 12 L H Q T`` for training, a third of it forward,
   with ``N`` the parameters that multiply (the embedding lookup excluded, the vocabulary projection
   included), ``L`` layers, ``H`` heads of size ``Q``, ``T`` the sequence length.
-- :func:`spread`: min / median / max of repeats and whether they resolve a 5% difference.
+- :func:`spread`: min / median / max of repeats, the 95% interval of their mean, and whether they resolve
+  a 5% difference.
 
 ``python benchmarks/roofline.py`` prints the figures for the embedded SmolLM2 shape.
 """
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 
-RESOLVE = 0.05  # a benchmark resolves a 5% difference when its repeats agree within this
+RESOLVE = 0.05  # the difference a benchmark must resolve (its 95% interval within half of it)
 
 
 def _dims(config) -> dict[str, int]:
@@ -110,11 +111,18 @@ def memory_bandwidth(nbytes: int = 1 << 28, *, device: str = "cpu", min_seconds:
 
 
 def spread(values: list[float]) -> dict[str, Any]:
-    """min / median / max of repeats, the relative range and whether it is within :data:`RESOLVE`."""
-    med = statistics.median(values)
+    """min / median / max of repeats, their relative range, and the 95% t-interval of the mean relative to
+    it: the repeats resolve a :data:`RESOLVE` difference when that half-width is at most half of it (two
+    figures that far apart then have disjoint intervals)."""
+    from scipy import stats
+
+    med, mean = statistics.median(values), statistics.fmean(values)
     rel = (max(values) - min(values)) / med if med else float("inf")
-    return {"min": min(values), "median": med, "max": max(values), "n": len(values), "rel_range": round(rel, 4),
-            "resolves_5pct": rel <= RESOLVE}
+    n = len(values)
+    half = stats.t.ppf(0.975, n - 1) * statistics.stdev(values) / n ** 0.5 / mean if n > 1 and mean else float("inf")
+    return {"values": [round(v, 4) for v in values], "min": min(values), "median": med, "max": max(values), "n": n,
+            "rel_range": round(rel, 4),
+            "ci95_rel": round(half, 4), "resolves_5pct": half <= RESOLVE / 2}
 
 
 def machine_load() -> dict[str, Any]:
