@@ -119,10 +119,10 @@ def spread(values: list[float]) -> dict[str, Any]:
     med, mean = statistics.median(values), statistics.fmean(values)
     rel = (max(values) - min(values)) / med if med else float("inf")
     n = len(values)
-    half = stats.t.ppf(0.975, n - 1) * statistics.stdev(values) / n ** 0.5 / mean if n > 1 and mean else float("inf")
+    half = float(stats.t.ppf(0.975, n - 1)) * statistics.stdev(values) / n ** 0.5 / mean if n > 1 and mean else float("inf")
     return {"values": [round(v, 4) for v in values], "min": min(values), "median": med, "max": max(values), "n": n,
             "rel_range": round(rel, 4),
-            "ci95_rel": round(half, 4), "resolves_5pct": half <= RESOLVE / 2}
+            "ci95_rel": round(half, 4), "resolves_5pct": bool(half <= RESOLVE / 2)}
 
 
 def machine_load() -> dict[str, Any]:
