@@ -7,6 +7,8 @@ GEMM shapes is measured before and after (``roofline.py``); each repeat times en
 steps to fill ``--window-s`` seconds after ``--warmup`` untimed ones; repeats interleave the paths
 (alternating which goes first); min / median / max are reported with the 95% interval of the mean,
 which resolves 5% when it is within ±2.5% (the JSON line says when it is not: too noisy to decide).
+A one-second GEMM probe before every run reads the machine's speed; ``drift_corrected`` divides each
+run's tokens/s by it, which removes the slow drift of a shared VM, and decides ``resolved``.
 
 * throughput: tokens/s of ``spear.train``'s code path (``spear.config.compose("train", ...)`` ->
   SpearDataModule + CPTModule + build_trainer, with its callbacks) vs the plain loop, as the
@@ -45,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from roofline import machine_load, matmul_roofline, spread, train_flops_per_token  # noqa: E402
+from roofline import gemm_probe, machine_load, matmul_roofline, spread, train_flops_per_token  # noqa: E402
 
 from spear.errors import SpearError  # noqa: E402
 from spear.models import layer_map_for  # noqa: E402
@@ -176,10 +178,12 @@ def measure_shape(args, model_ref: str, data: list[str], base, batch: int, block
     probe = plain_run(full_cfg, copy.deepcopy(base), 1, 1)  # one step's seconds: sizes the timed window
     steps = max(args.min_steps, math.ceil(args.window_s / probe))
     runs: dict[str, list[float]] = {"spear": [], "plain": [], "freeze_top8": []}
+    probes: dict[str, list[float]] = {"spear": [], "plain": [], "freeze_top8": []}  # the machine's speed at each run
     opt_bytes: dict[str, int] = {}
     for r in range(args.repeats):
         order = ["spear", "plain"] if r % 2 == 0 else ["plain", "spear"]
         for which in order + (["freeze_top8"] if with_freeze else []):
+            probes[which].append(gemm_probe(base.config, tokens))
             if which == "plain":
                 runs["plain"].append(plain_run(full_cfg, copy.deepcopy(base), steps, args.warmup))
             else:
@@ -200,7 +204,16 @@ def measure_shape(args, model_ref: str, data: list[str], base, batch: int, block
                       "mfu": round(stats["median"] * flops_per_token / roof, 4)}
     paired = spread([p / s for s, p in zip(runs["spear"], runs["plain"], strict=True)])  # spear tok/s / plain tok/s, per repeat
     row["spear_vs_plain"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in paired.items()}
-    row["resolves_5pct"] = bool(row["spear"]["tokens_per_s"]["resolves_5pct"] and row["plain"]["tokens_per_s"]["resolves_5pct"])
+    # drift-corrected: each run's tokens/s divided by the machine's speed measured just before it
+    reference = statistics.median(v for values in probes.values() for v in values)
+    corrected = {which: [tokens / s * reference / p for s, p in zip(runs[which], probes[which], strict=True)]
+                 for which in runs if runs[which]}
+    row["drift_corrected"] = {which: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in spread(values).items()}
+                              for which, values in corrected.items()}
+    ratio = spread([a / b for a, b in zip(corrected["spear"], corrected["plain"], strict=True)])
+    row["drift_corrected"]["spear_vs_plain"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in ratio.items()}
+    row["probe_spread"] = round(spread([v for values in probes.values() for v in values])["rel_range"], 4)
+    row["resolves_5pct"] = bool(row["drift_corrected"]["spear"]["resolves_5pct"] and row["drift_corrected"]["plain"]["resolves_5pct"])
     if with_freeze:
         row["freeze_top8_step_time"] = round(statistics.median(runs["freeze_top8"]) / statistics.median(runs["spear"]), 4)
         row["freeze_top8_optimizer_state"] = round(opt_bytes["freeze_top8"] / opt_bytes["spear"], 4)
@@ -258,6 +271,10 @@ def main() -> None:
         print(f"{row['batch']:>7} spear/plain {row['spear_vs_plain']['median']:.3f} "
               f"[{row['spear_vs_plain']['min']:.3f}, {row['spear_vs_plain']['max']:.3f}]; roofline "
               f"{row['attainable_gflops']} GFLOP/s")
+        dc = row["drift_corrected"]
+        print(f"{row['batch']:>7} drift-corrected: spear 95% ±{dc['spear']['ci95_rel']:.3f}, plain ±{dc['plain']['ci95_rel']:.3f}, "
+              f"spear/plain {dc['spear_vs_plain']['median']:.3f} ±{dc['spear_vs_plain']['ci95_rel']:.3f}; "
+              f"machine speed spread {row['probe_spread']:.3f}")
     if memory:
         gb = {k: (round(v / 1e9, 3) if isinstance(v, int) else v) for k, v in memory.items()}
         print("memory (GB) of spear.train at " + rows[0]["batch"] + ": " + ", ".join(f"{k.removesuffix('_bytes')} {v}" for k, v in gb.items()))

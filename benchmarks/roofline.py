@@ -4,6 +4,8 @@
   of a decoder layer and the vocabulary projection, forward and the two backward GEMMs), timed for
   ``min_seconds`` each; the figure is the FLOP-weighted rate (total FLOPs / total time), i.e. what
   the model's matmuls alone would reach if nothing else ran.
+- :func:`gemm_probe`: a one-second reading of one of those GEMMs, taken next to every timed repeat so
+  that a benchmark can divide out the machine's own drift (a shared VM's speed moves by 10-20% over minutes).
 - :func:`memory_bandwidth`: bytes/s of a large tensor copy (read + write), the roof for memory-bound work.
 - :func:`train_flops_per_token` / :func:`forward_flops_per_token`: model FLOPs per token, PaLM's
   convention (arXiv 2204.02311, App. B): ``6 N + 12 L H Q T`` for training, a third of it forward,
@@ -95,6 +97,15 @@ def matmul_roofline(config, tokens: int, *, dtype=torch.float32, device: str = "
             del x, w
     return {"flops_per_s": total_flops / total_seconds, "dtype": str(dtype).removeprefix("torch."),
             "threads": torch.get_num_threads(), "per_shape": per_shape}
+
+
+def gemm_probe(config, tokens: int, *, dtype=torch.float32, device: str = "cpu", min_seconds: float = 1.0) -> float:
+    """FLOP/s of the model's MLP up-projection GEMM (``tokens x hidden @ hidden x intermediate``): a one-second
+    reading of the machine's speed, taken next to each timed repeat to correct for its drift."""
+    d = _dims(config)
+    x = torch.randn(tokens, d["hidden"], dtype=dtype, device=device)
+    w = torch.randn(d["hidden"], d["inter"], dtype=dtype, device=device)
+    return 2.0 * tokens * d["hidden"] * d["inter"] / _time_op(lambda: torch.mm(x, w), min_seconds)
 
 
 def memory_bandwidth(nbytes: int = 1 << 28, *, device: str = "cpu", min_seconds: float = 0.5) -> float:
