@@ -52,6 +52,18 @@ SHARD = "5GB"  # save_pretrained's default max_shard_size
 DRIFT_RANK, DRIFT_SCALE, NOISE_SCALE = 8, 0.05, 0.01
 
 
+MARKER = ".spear-bench-scale"  # in every size dir this benchmark creates: the only dirs it ever cleans
+
+
+def own_dir(path: Path) -> Path:
+    """``path``, created and marked by this benchmark; an existing dir it did not mark is refused, untouched."""
+    if path.exists() and not (path / MARKER).exists():
+        raise SystemExit(f"error: {path} exists and was not written by bench_scale.py; choose another --work")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / MARKER).touch()
+    return path
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -76,7 +88,8 @@ def write_pair(size: str, work: Path) -> tuple[Path, Path, dict]:
     from spear.models.tiny import byte_tokenizer
 
     config, specs = tensor_specs(size)
-    dirs = (work / size / "base", work / size / "adapted")
+    root = own_dir(work / size)
+    dirs = (root / "base", root / "adapted")
     info = {"tensors": len(specs), "params": sum(int(torch.Size(s).numel()) for _, s in specs),
             "largest_tensor_f32_bytes": max(int(torch.Size(s).numel()) * 4 for _, s in specs),
             "layers": config.num_hidden_layers}
