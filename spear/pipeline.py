@@ -74,14 +74,14 @@ class PipelineState:
     def __init__(self, cfg) -> None:
         from spear.evaluation.harness import check_suite
         from spear.io.artifacts import StageCache, fingerprint_path
-        from spear.merging.controls import Entry, entry_from_spec, policy_label
+        from spear.merging.controls import Entry, entry_from_spec
         from spear.models import resolve_model_dir
         from spear.runtime import resolve_device
 
         self.cfg = cfg
         # every input is checked before the first expensive step
         self.entries = [Entry(cfg.policy), *(entry_from_spec(p) for p in cfg.pipeline.extra_policies)]
-        labels = [policy_label(e.policy, e.merge) for e in self.entries]
+        labels = [e.label for e in self.entries]
         twice = sorted({label for label in labels if labels.count(label) > 1})
         if twice:
             raise SpearError(f"pipeline.extra_policies: two entries are both named {twice[0]!r}; give one a `label`")
@@ -147,11 +147,14 @@ class PipelineState:
         self.train_seconds.append(adapted["seconds"])
         return adapted
 
-    def analyze(self, adapted: dict[str, Any], seed: int) -> dict[str, Any]:
+    def analyze(self, adapted: dict[str, Any], seed: int, impact=None) -> dict[str, Any]:
+        """The ranking of the adapted model of ``seed`` by ``impact`` (None: the run's), or its cached result."""
         from spear.analysis.stage import run_analyze
         from spear.config.stages import AnalyzeRun
 
         values = {"base": str(self.base_dir), "adapted": adapted["model_dir"], "task_name": "analyze"}
+        if impact is not None:
+            values["impact"] = impact.model_dump()
         key = stage_key(self.cfg.stage(AnalyzeRun, "", **values), adapted["key"], self.base_fp)
         with self.cache.claim("analyze", key):
             hit = self.cache.lookup("analyze", key)
@@ -161,7 +164,8 @@ class PipelineState:
                 run_analyze(self.cfg.stage(AnalyzeRun, str(out), **values))
                 hit = self.cache.complete("analyze", key, {"key": key, "ranking": str(out / "ranking.json"),
                                                            "seconds": time.perf_counter() - start})
-        self.account(f"analyze seed {seed}", hit["seconds"], self.cache.events[-1]["hit"])
+        self.account(f"analyze {impact.name + ' ' if impact is not None else ''}seed {seed}", hit["seconds"],
+                     self.cache.events[-1]["hit"])
         return hit
 
     def fit(self, adapted: dict[str, Any], seed: int, entry, label: str, session: LazyMerger) -> dict[str, Any]:
@@ -213,7 +217,7 @@ class PipelineState:
         from spear.analysis.ranking import Ranking
         from spear.config.schema import UniformPolicy
         from spear.evaluation.retention import retention_from_suite
-        from spear.merging.controls import models_to_merge, policy_label
+        from spear.merging.controls import models_to_merge
         from spear.merging.plan import TMap
         from spear.tracking.frontier import add_frontier_advantage, add_score_advantage, sweep_points
         from spear.tracking.summary import model_entry
@@ -225,6 +229,12 @@ class PipelineState:
         n = ranking.num_layers
         self.artifacts[str(seed)] = {"adapted_model": adapted["model_dir"], "ranking": analysis["ranking"],
                                      "analysis_dir": str(Path(analysis["ranking"]).parent)}
+        rankings = {}  # entries with their own impact: one more analysis each (cached by its config)
+        for compared in self.entries:
+            if compared.impact is not None:
+                own = self.analyze(adapted, seed, compared.impact)["ranking"]
+                rankings[compared.label] = Ranking.load(own)
+                self.artifacts[str(seed)].setdefault("rankings", {})[compared.label] = own
         session = LazyMerger(adapted["model_dir"], self.base_dir, cfg.merge, self.load)
         adapted_results = self.evaluate([adapted["key"]], "adapted", session.produce, f"evaluate adapted seed {seed}")["results"]
 
@@ -238,8 +248,7 @@ class PipelineState:
         fits = {}
         for compared in self.entries:
             if compared.policy.name == "optimized":
-                label = policy_label(compared.policy, compared.merge)
-                fits[label] = self.fit(adapted, seed, compared, label, session)
+                fits[compared.label] = self.fit(adapted, seed, compared, compared.label, session)
         fitted = {label: TMap.from_json(fit["tmap"]) for label, fit in fits.items()}
         merge_key = cfg.merge.model_dump(mode="json")
         results_by_t = {0.0: adapted_results, 1.0: base_results}  # t=0 is the adapted model, t=1 the base, bit for bit
@@ -251,7 +260,7 @@ class PipelineState:
             entries.append(entry(name, "frontier", record["results"], mean_t=t, tmap=tmap.to_json(),
                                  policy=UniformPolicy(t=t, non_layer_t=t).model_dump()))
         for item in models_to_merge(ranking, self.entries, n, controls=cfg.pipeline.controls,
-                                    random_seed=cfg.pipeline.random_seed, fitted=fitted):
+                                    random_seed=cfg.pipeline.random_seed, fitted=fitted, rankings=rankings):
             item_merge = item.merge.model_dump(mode="json") if item.merge is not None else merge_key
             record = self.evaluate([adapted["key"], self.base_fp, item_merge, item.tmap.to_json()], item.name,
                                    lambda item=item: session.produce(item.tmap, item.merge),

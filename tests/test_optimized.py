@@ -77,7 +77,8 @@ def _proxy(root):
 def _policy(**values):
     from spear.config.schema import OptimizedPolicy
 
-    return OptimizedPolicy(**{"window": WINDOW, "calibration_tokens": 1024, "steps": 30, "windows_per_step": 2, **values})
+    return OptimizedPolicy(**{"window": WINDOW, "calibration_tokens": 1024, "steps": 30, "windows_per_step": 2,
+                             "report_tokens": 1024, **values})
 
 
 def _load(path):

@@ -185,13 +185,18 @@ def test_a_killed_pipeline_resumes_from_its_finished_stages(tiny_runs, corpus, t
 
 
 def test_fitted_and_data_free_methods_with_their_own_kernels(corpus, tmp_path):
-    """optimized (fitted on calibration text, its fit recorded), DG-Hard alone (its own kernel) and LiNeS
-    with controls: each a model of the summary, the random control a permutation of the entry's t map."""
+    """optimized (fitted on calibration text, its fit recorded), DG-Hard alone (its own kernel), LiNeS
+    with controls and balanced on its own ranking proxy: each a model of the summary, the random control a
+    permutation of the entry's t map."""
+    from spear.analysis.ranking import Ranking
     from spear.config import compose
+    from spear.config.schema import BalancedPolicy
+    from spear.merging.policies import build_tmap
     from spear.pipeline import run_pipeline
 
     extra = ("pipeline.extra_policies=[{policy: optimized, steps: 2, window: 64, calibration_tokens: 256},"
-             "{policy: uniform, t: 0.0, merge: {name: dg_hard, scope: all}}, lines]")
+             "{policy: uniform, t: 0.0, merge: {name: dg_hard, scope: all}}, lines,"
+             "{policy: balanced, impact: {name: grad_delta, calibration_tokens: 256}}]")
     summary = run_pipeline(compose("pipeline", [
         *TINY, f"data.paths=[{corpus}]", f"pipeline.cache_dir={tmp_path / 'cache'}", f"paths.output_dir={tmp_path / 'run'}",
         "logger=none", "progress=false", "pipeline.frontier.ts=[0.0,1.0]", extra]))
@@ -206,6 +211,12 @@ def test_fitted_and_data_free_methods_with_their_own_kernels(corpus, tmp_path):
     dg = by["uniform_t0.0+dg_hard_all"]
     assert dg["merge"]["name"] == "dg_hard" and dg["metrics"]["nll/general"] != by["adapted"]["metrics"]["nll/general"]
     assert any(e["stage"] == "fit" for e in summary["cache"])
+    # the entry with its own impact is ranked by a second analysis of the same adapted model
+    assert sum(e["stage"] == "analyze" for e in summary["cache"]) == 2
+    own = Ranking.load(summary["artifacts"]["1234"]["rankings"]["balanced_grad_delta"])
+    assert own.document["impact"]["name"] == "grad_delta"
+    assert by["balanced_grad_delta"]["tmap"] == build_tmap(own, BalancedPolicy(), own.num_layers).to_json()
+    assert {"uniform@balanced_grad_delta", "balanced_grad_delta@random"} <= set(by)
 
 
 def test_two_entries_with_one_name_are_an_error_before_anything_runs(corpus, tmp_path):
@@ -274,3 +285,15 @@ def test_an_entry_can_leave_its_controls_out():
         "optimized_w1_tied"]
     with pytest.raises(SpearError, match="controls='no' must be true or false"):
         entry_from_spec({"policy": "lines", "controls": "no"})
+
+
+def test_an_entry_ranked_by_its_own_impact_is_checked_before_anything_runs():
+    from spear.errors import SpearError
+    from spear.merging.controls import entry_from_spec
+
+    entry = entry_from_spec({"policy": "balanced", "impact": "grad_delta", "non_layer_t": 0.5})
+    assert entry.impact.name == "grad_delta" and entry.policy.non_layer_t == 0.5 and entry.label == "balanced_grad_delta"
+    with pytest.raises(SpearError, match="policy=lines uses no ranking"):
+        entry_from_spec({"policy": "lines", "impact": "grad_delta"})
+    with pytest.raises(SpearError, match="impact needs `name: <one of"):
+        entry_from_spec({"policy": "balanced", "impact": "nope"})

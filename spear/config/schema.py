@@ -253,11 +253,13 @@ class OptimizedPolicy(PolicyBase):
     tie_layers: bool = knob(False, "one t shared by every decoder layer: with fit_non_layer, the two-parameter baseline "
                                    "(a uniform merge whose non-layer tensors get their own fitted t)")
     init_t: Strength = knob(0.5, "every unit's t before the fit (the uniform point it starts from)")
-    steps: int = knob(24, "Adam steps on logit(t)", ge=1)
+    steps: int = knob(10, "Adam steps on logit(t); each is a forward and backward pass over 2 x windows_per_step windows", ge=1)
     lr: float = knob(0.3, "Adam learning rate on logit(t)", gt=0.0)
     window: int = knob(256, "tokens per calibration window", ge=16)
     windows_per_step: int = knob(1, "windows of each corpus per step (sampled from the calibration slice)", ge=1)
     calibration_tokens: int = knob(4096, "tokens per corpus right after the proxy's evaluated slice: the fit's text", ge=64)
+    report_tokens: int = knob(512, "tokens per corpus (the calibration slice's first) on which the objective is reported "
+                                   "before and after the fit, a forward pass each time (0: not reported)", ge=0)
     seed: int = knob(0, "seed of the window sampling")
 
 

@@ -107,7 +107,8 @@ class FrontierSettings(Node):
 class PipelineSettings(Node):
     seeds: list[int] = knob([1234], "CPT seeds; with several, metrics are means with 95% t-intervals", min_length=1)
     adapted: str | None = knob(None, "skip CPT and use this adapted model (alias or dir)")
-    extra_policies: list[str | dict[str, Any]] = knob([], "more policies: policy names, or {policy: name, label: str, <key>: value}")
+    extra_policies: list[str | dict[str, Any]] = knob([], "more policies: policy names, or {policy: name, label: str, <key>: value} "
+                                                      "with optional merge, impact and controls of their own")
     controls: bool = knob(True, "per policy: uniform at the same mean t, and the policy on a random ranking")
     freeze_compare: FreezeCompare = knob(FreezeCompare(), "freeze during CPT vs restore after it")
     frontier: FrontierSettings = knob(FrontierSettings(), "the uniform frontier (SPEC §1.7)")

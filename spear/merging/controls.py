@@ -8,7 +8,9 @@
   layers in the same way (does the placement matter?).
 
 A pipeline entry may name its own ``merge`` kernel (``{policy: uniform, t: 0.0, merge: {name: dg_hard,
-scope: all}}``), which its controls use too, and may leave its controls out (``controls: false``).
+scope: all}}``), which its controls use too, its own ranking proxy (``{policy: balanced, impact: grad_delta}``:
+one more cached analysis per seed, so rankings are compared on one frontier), and may leave its controls
+out (``controls: false``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from spear.analysis.ranking import Ranking
-from spear.config.schema import GROUP_OPTIONS, NEEDS_RANKING, MergeConfig, PolicyConfig, UniformPolicy
+from spear.config.schema import (
+    GROUP_OPTIONS,
+    NEEDS_RANKING,
+    ImpactConfig,
+    MergeConfig,
+    PolicyConfig,
+    UniformPolicy,
+)
 from spear.config.store import validate_node
 from spear.errors import SpearError
 from spear.merging.plan import TMap
@@ -36,22 +45,35 @@ class MergedModel:
     merge: Any = None  # the entry's own merge config (None: the run's)
 
 
+ENTRY_KEYS = ("merge", "impact", "controls")  # an entry's keys that are not its policy's
+
+
 @dataclass(frozen=True)
 class Entry:
-    """One compared policy: its config, its own kernel (``None``: the run's) and whether it gets controls."""
+    """One compared policy: its config, its own kernel and ranking proxy (``None``: the run's) and whether
+    it gets controls."""
 
     policy: Any
     merge: Any = None
     controls: bool = True
+    impact: Any = None
+
+    @property
+    def label(self) -> str:
+        return policy_label(self.policy, self.merge, self.impact)
 
 
 def entry_from_spec(spec: str | dict[str, Any]) -> Entry:
     """A ``pipeline.extra_policies`` entry: a policy option name, or a dict of the policy's keys plus
-    optional ``merge`` (:func:`merge_from_spec`) and ``controls`` (true/false)."""
+    optional ``merge`` (:func:`merge_from_spec`), ``impact`` (:func:`impact_from_spec`) and ``controls``."""
     controls = True if isinstance(spec, str) else spec.get("controls", True)
     if not isinstance(controls, bool):
         raise SpearError(f"pipeline.extra_policies entry {spec!r}: controls={controls!r} must be true or false")
-    return Entry(policy_from_spec(spec), merge_from_spec(spec), controls)
+    policy, impact = policy_from_spec(spec), impact_from_spec(spec)
+    if impact is not None and policy.name not in NEEDS_RANKING:
+        raise SpearError(f"pipeline.extra_policies entry {spec!r}: policy={policy.name} uses no ranking, so its "
+                         f"impact has nothing to rank; drop `impact` or use one of {', '.join(NEEDS_RANKING)}")
+    return Entry(policy, merge_from_spec(spec), controls, impact)
 
 
 def policy_from_spec(spec: str | dict[str, Any]):
@@ -59,8 +81,8 @@ def policy_from_spec(spec: str | dict[str, Any]):
     ``controls`` keys belong to the entry: :func:`entry_from_spec`)."""
     options = GROUP_OPTIONS["policy"]
     entry = {"policy": spec} if isinstance(spec, str) else dict(spec)
-    entry.pop("merge", None)
-    entry.pop("controls", None)
+    for key in ENTRY_KEYS:
+        entry.pop(key, None)
     name = entry.pop("policy", None)
     if name not in options:
         raise SpearError(f"pipeline.extra_policies entry {spec!r} needs `policy: <one of {', '.join(options)}>`")
@@ -85,9 +107,24 @@ def merge_from_spec(spec: str | dict[str, Any]):
         raise SpearError(f"pipeline.extra_policies entry {spec!r}: {err}") from None
 
 
-def policy_label(policy, merge=None) -> str:
+def impact_from_spec(spec: str | dict[str, Any]):
+    """An extra policy's own ranking proxy (``impact: grad_delta`` or ``impact: {name: custom, ...}``), or ``None``."""
+    value = None if isinstance(spec, str) else spec.get("impact")
+    if value is None:
+        return None
+    entry = {"name": value} if isinstance(value, str) else dict(value)
+    options = GROUP_OPTIONS["impact"]
+    if entry.get("name") not in options:
+        raise SpearError(f"pipeline.extra_policies entry {spec!r}: impact needs `name: <one of {', '.join(options)}>`")
+    try:
+        return validate_node(ImpactConfig, {**options[entry["name"]].model_dump(), **entry}, "impact")
+    except SpearError as err:
+        raise SpearError(f"pipeline.extra_policies entry {spec!r}: {err}") from None
+
+
+def policy_label(policy, merge=None, impact=None) -> str:
     """The policy's name in summaries: ``policy.label``, else its name (with ``t``, granularity, the fit's
-    weight and the entry's own kernel when they tell)."""
+    weight, the entry's own ranking proxy and kernel when they tell)."""
     if policy.label:
         return policy.label
     label = policy.name
@@ -97,23 +134,26 @@ def policy_label(policy, merge=None) -> str:
         label += f"_w{policy.domain_weight:g}" + ("_tied" if policy.tie_layers else "")
     if policy.granularity != "layer":
         label += f"_{policy.granularity}"
+    if impact is not None:
+        label += f"_{impact.name}"
     if merge is not None:
         label += f"+{merge.name}" + (f"_{merge.scope}" if merge.name == "dg_hard" else "")
     return label
 
 
 def models_to_merge(ranking: Ranking, entries: list[Entry], num_layers: int, *, controls: bool,
-                    random_seed: int, fitted: dict[str, TMap] | None = None) -> list[MergedModel]:
+                    random_seed: int, fitted: dict[str, TMap] | None = None,
+                    rankings: dict[str, Ranking] | None = None) -> list[MergedModel]:
     """Every entry's merged model, each followed by its two controls (when ``controls`` and the entry's
-    own ``controls``); ``fitted``: the t maps of fitted policies (``optimized``) by label."""
+    own ``controls``); ``fitted``: the t maps of fitted policies (``optimized``) by label; ``rankings``:
+    the rankings of entries with their own ``impact``, by label (the others use ``ranking``)."""
     out: list[MergedModel] = []
-    shuffled = ranking.permuted(random_seed)
     for entry in entries:
-        policy, merge = entry.policy, entry.merge
+        policy, merge, label = entry.policy, entry.merge, entry.label
         if policy.name == "target_retention":
             raise SpearError("policy=target_retention searches with its own evaluation; run it with `python -m spear.merge`")
-        label = policy_label(policy, merge)
-        tmap = (fitted or {})[label] if policy.name in FITTED else build_tmap(ranking, policy, num_layers)
+        own = (rankings or {}).get(label, ranking)
+        tmap = (fitted or {})[label] if policy.name in FITTED else build_tmap(own, policy, num_layers)
         out.append(MergedModel(label, "policy", policy, tmap, merge=merge))
         same_t_everywhere = policy.name == "uniform" or (policy.name == "optimized" and policy.tie_layers)
         if not (controls and entry.controls) or same_t_everywhere:  # its controls would be the model itself
@@ -122,6 +162,7 @@ def models_to_merge(ranking: Ranking, entries: list[Entry], num_layers: int, *, 
         uniform = UniformPolicy(t=round(mean_t, 6), non_layer_t=policy.non_layer_t)
         out.append(MergedModel(f"uniform@{label}", "control", uniform,
                                TMap.of_layers(dict.fromkeys(range(num_layers), mean_t), tmap.non_layer_t), label, merge))
-        placed = build_tmap(shuffled, policy, num_layers) if policy.name in NEEDS_RANKING else tmap.permuted(random_seed, num_layers)
+        placed = (build_tmap(own.permuted(random_seed), policy, num_layers) if policy.name in NEEDS_RANKING
+                  else tmap.permuted(random_seed, num_layers))
         out.append(MergedModel(f"{label}@random", "control", policy, placed, label, merge))
     return out

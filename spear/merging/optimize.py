@@ -126,16 +126,27 @@ class MergedParameters:
         return out
 
 
-def _mean_nll(model, params, windows) -> Any:
+def _mean_nlls(model, params, batches: dict[str, list[Any]], max_batch: int = 8) -> dict[str, Any]:
+    """Mean NLL per role of ``batches`` (``{role: [windows]}``) under ``params``; windows of one length
+    share a forward pass (batching the two corpora saves ~15% of a step on CPU)."""
     import torch
     from torch.func import functional_call
 
-    total, count = 0.0, 0
-    for ids in windows:
-        logits = functional_call(model, params, args=(), kwargs={"input_ids": ids[None], "use_cache": False}).logits
-        total = total + torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[1:], reduction="sum")
-        count += ids.numel() - 1
-    return total / count
+    totals = {role: 0.0 for role in batches}
+    counts = dict.fromkeys(batches, 0)
+    items = [(role, ids) for role, windows in batches.items() for ids in windows]
+    for length in sorted({ids.numel() for _, ids in items}):
+        same = [(role, ids) for role, ids in items if ids.numel() == length]
+        for i in range(0, len(same), max_batch):
+            chunk = same[i:i + max_batch]
+            ids = torch.stack([w for _, w in chunk])
+            logits = functional_call(model, params, args=(), kwargs={"input_ids": ids, "use_cache": False}).logits
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(),
+                                                    reduction="none").view(len(chunk), -1).sum(1)
+            for (role, _), value in zip(chunk, nll, strict=True):
+                totals[role] = totals[role] + value
+                counts[role] += length - 1
+    return {role: totals[role] / counts[role] for role in batches}
 
 
 def _windows(ids, size: int) -> list[Any]:
@@ -181,16 +192,20 @@ def fit_tmap(model, tokenizer, base_dir: Path, policy, proxy, merge, *, progress
         optimizer = torch.optim.Adam([z], lr=policy.lr)
 
         def objective(t, batches) -> tuple[Any, Any, Any]:
-            params = merged(t)
-            general, domain = (_mean_nll(model, params, batches[role]) for role in ("general", "domain"))
+            nll = _mean_nlls(model, merged(t), batches)
+            general, domain = nll["general"], nll["domain"]
             return general + policy.domain_weight * domain, general, domain
 
-        def full_objective(t) -> dict[str, float]:
+        reported = {role: _windows(ids[:policy.report_tokens], window) for role, ids in pools.items()}
+
+        def reported_objective(t) -> dict[str, float] | None:
+            if not policy.report_tokens:
+                return None
             with torch.no_grad():
-                total, general, domain = objective(t, {role: _windows(ids, window) for role, ids in pools.items()})
+                total, general, domain = objective(t, reported)
             return {"objective": float(total), "general_nll": float(general), "domain_nll": float(domain)}
 
-        before = full_objective(torch.sigmoid(z.detach()))
+        before = reported_objective(torch.sigmoid(z.detach()))
         history = []
         for step in range(policy.steps):
             optimizer.zero_grad(set_to_none=True)
@@ -203,7 +218,7 @@ def fit_tmap(model, tokenizer, base_dir: Path, policy, proxy, merge, *, progress
                 log.info("optimized: step %d/%d objective %.4f (general %.4f, domain %.4f)", step + 1, policy.steps,
                          total, general, domain)
         ts = [round(float(v), 6) for v in torch.sigmoid(z.detach())]
-        after = full_objective(torch.tensor(ts, device=device))
+        after = reported_objective(torch.tensor(ts, device=device))
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(requires[name])
@@ -221,6 +236,9 @@ def fit_tmap(model, tokenizer, base_dir: Path, policy, proxy, merge, *, progress
         "history": history,
         "seconds": round(time.perf_counter() - start, 3),
     }
-    log.info("optimized: calibration objective %.4f -> %.4f in %.1fs; mean t %.3f", before["objective"],
-             after["objective"], record["seconds"], tmap.mean_t(n))
+    if before is not None:
+        log.info("optimized: calibration objective %.4f -> %.4f on %d tokens per corpus", before["objective"],
+                 after["objective"], min(policy.report_tokens, *(int(ids.numel()) for ids in pools.values())))
+    log.info("optimized: %d steps of %d tokens in %.1fs; mean t %.3f", policy.steps, record["tokens_per_step"],
+             record["seconds"], tmap.mean_t(n))
     return tmap, record
