@@ -188,6 +188,29 @@ def test_compute_retention_on_fixed_numbers():
     assert only_base["domain_gain_preservation"] is None and only_base["general_retention"] is not None
 
 
+def test_a_noisy_accuracy_does_not_decide_the_headline(caplog):
+    """ARC-Easy at 200 questions (se 0.035 of 0.50) moved 0.50 -> 0.57 by noise while the general NLL got
+    worse: the headline follows the NLL; the accuracy keeps its own retention."""
+    base, adapted = _results("base", 0.50, 0.30, 3.01, 2.35), _results("adapted", 0.57, 0.40, 3.11, 2.29)
+    for res in (base, adapted):
+        res["n_samples"] = {"spear_arc_easy": 200}
+        res["tasks"]["spear_mmlu_finance"]["acc_stderr"] = 0.003  # a large benchmark: 1% of its score
+    ret = compute_retention(adapted, base, adapted, **LISTS, max_relative_stderr=0.02)
+    assert ret["general_retention"] == pytest.approx(3.01 / 3.11)  # below 1: without the noisy accuracy
+    assert ret["retention"]["spear_arc_easy"] == pytest.approx(0.57 / 0.50)
+    assert set(ret["left_out"]) == {"spear_arc_easy"}
+    assert ret["left_out"]["spear_arc_easy"] == pytest.approx((0.5 * 0.5 / 200) ** 0.5 / 0.50)  # the larger of the two
+    noisy_everywhere = compute_retention(adapted, base, adapted, **LISTS, max_relative_stderr=0.001)
+    assert noisy_everywhere["domain_gain_preservation"] == pytest.approx(1.0)  # the domain NLL alone
+    # with every general measure noisy the aggregate averages them all, and says so
+    only_tasks = {**LISTS, "general_corpora": []}
+    with caplog.at_level(logging.WARNING):
+        ret = compute_retention(adapted, base, adapted, **only_tasks, max_relative_stderr=0.02)
+    assert ret["general_retention"] == pytest.approx(0.57 / 0.50) and "noisier than eval.max_relative_stderr" in caplog.text
+    unfiltered = compute_retention(adapted, base, adapted, **LISTS)
+    assert unfiltered["general_retention"] == pytest.approx((0.57 / 0.50 + 3.01 / 3.11) / 2) and not unfiltered["left_out"]
+
+
 def test_compute_retention_zero_domain_gain(caplog):
     base = _results("base", 0.60, 0.30, 2.0, 3.0)
     adapted = _results("adapted", 0.45, 0.30, 2.5, 3.0)  # no domain gain at all

@@ -381,6 +381,9 @@ class EvalConfig(Node):
     general_tasks: list[str] = knob([], "tasks whose retention enters general_retention")
     domain_tasks: list[str] = knob([], "tasks whose gain enters domain_gain_preservation")
     min_domain_gain: float = knob(0.0, "|adapted - base| at or below this: G undefined (null + warning)", ge=0.0)
+    max_relative_stderr: float | None = knob(0.02, "a task whose standard error exceeds this share of the base score "
+                                                   "stays out of general_retention/domain_gain_preservation (its own "
+                                                   "retention is kept); null: every task enters", gt=0.0)
 
     def own_benchmarks(self) -> list[CustomTask]:
         """``eval.custom`` and the finance pack's files, as custom benchmarks (the pack's named after its format)."""

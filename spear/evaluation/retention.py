@@ -19,6 +19,11 @@ retention above 1 always means *better than the base*, never an accident of the 
 Aggregates: ``general_retention`` = mean retention over the general entries (the suite's
 ``general_tasks`` and ``general_corpora``); ``domain_gain_preservation`` = mean ``G`` over the
 domain entries (``domain_tasks`` and ``domain_corpora``) where ``G`` is defined.
+
+A noisy score must not decide a headline number: a task whose standard error exceeds
+``max_relative_stderr`` of the base model's score (ARC-Easy at 200 questions: 0.035 of 0.50, 7%)
+keeps its own retention but stays out of the aggregates (``left_out``), unless nothing else of its
+kind is measured.
 """
 
 from __future__ import annotations
@@ -85,6 +90,28 @@ def task_value(results: Mapping[str, Any], task: str, metric: str) -> float | No
     return (results.get("tasks", {}).get(task) or {}).get(metric)
 
 
+def binomial_se(p: float | None, n: int | None) -> float | None:
+    """Standard error of an accuracy over ``n`` samples: lm-eval leaves it out when not bootstrapping."""
+    if p is None or not n or not 0 <= p <= 1:
+        return None
+    return math.sqrt(p * (1 - p) / n)
+
+
+def stderr_key(metric: str) -> str:
+    """lm-eval's name for a metric's stderr: the suffix goes before the filter (``exact_match_stderr,strict``)."""
+    base, comma, filt = metric.partition(",")
+    return f"{base}_stderr{comma}{filt}"
+
+
+def task_stderr(results: Mapping[str, Any], task: str, metric: str) -> float | None:
+    """A task score's standard error: lm-eval's, else binomial from ``n_samples`` for an accuracy."""
+    se = (results.get("tasks", {}).get(task) or {}).get(stderr_key(metric))
+    if se is None and metric.startswith("acc"):
+        n = results.get("n_samples", {}).get(task)
+        se = binomial_se(task_value(results, task, metric), n if isinstance(n, int) else None)
+    return se
+
+
 def _task_lower_is_better(results: Mapping[str, Any], task: str, metric: str) -> bool:
     declared = (results.get("higher_is_better", {}).get(task) or {}).get(metric)
     if declared is not None:
@@ -127,12 +154,14 @@ def compute_retention(
     general_corpora: Iterable[str] = (),
     domain_corpora: Iterable[str] = (),
     min_domain_gain: float = 0.0,
+    max_relative_stderr: float | None = None,
 ) -> dict[str, Any]:
     """The content of ``retention.json`` for ``model`` against ``base`` (and ``adapted``).
 
     Entries: every task of ``model`` (with its ``primary_metric``) and every perplexity corpus
     (mean NLL). ``kind`` is ``general``/``domain``/``other`` from the given lists; ``other``
-    entries get a retention but enter no aggregate.
+    entries get a retention but enter no aggregate, and neither do tasks noisier than
+    ``max_relative_stderr`` (None: every task enters).
     """
     general_tasks, domain_tasks = set(general_tasks), set(domain_tasks)
     general_corpora, domain_corpora = set(general_corpora), set(domain_corpora)
@@ -148,12 +177,15 @@ def compute_retention(
         if metric is None:
             continue
         lower = _task_lower_is_better(model, task, metric)
+        base_value = task_value(base, task, metric)
+        errors = [se for se in (task_stderr(model, task, metric), task_stderr(base, task, metric)) if se is not None]
         entries[task] = {
+            "relative_stderr": max(errors) / abs(base_value) if errors and _finite(base_value) and base_value else None,
             "type": "task",
             "kind": _kind(task, general_tasks, domain_tasks),
             "metric": metric,
             "lower_is_better": lower,
-            "base": task_value(base, task, metric),
+            "base": base_value,
             "adapted": task_value(adapted, task, metric) if adapted is not None else None,
             "model": task_value(model, task, metric),
         }
@@ -177,8 +209,23 @@ def compute_retention(
             else None
         )
 
-    general = [e for e in entries.values() if e["kind"] == "general"]
-    domain = [e for e in entries.values() if e["kind"] == "domain"]
+    def noisy(e: dict[str, Any]) -> bool:
+        rel = e.get("relative_stderr")
+        return max_relative_stderr is not None and rel is not None and rel > max_relative_stderr
+
+    def aggregated(kind: str) -> list[dict[str, Any]]:
+        """The entries of ``kind`` that decide its aggregate: the low-noise ones, or all when none is."""
+        of_kind = [e for e in entries.values() if e["kind"] == kind]
+        quiet = [e for e in of_kind if not noisy(e)]
+        if quiet or not of_kind:
+            return quiet
+        log.warning("every %s measure is noisier than eval.max_relative_stderr=%s: %s_retention averages them all",
+                    kind, max_relative_stderr, kind)
+        return of_kind
+
+    general, domain = aggregated("general"), aggregated("domain")
+    left_out = sorted(name for name, e in entries.items() if e["kind"] != "other"
+                      and not any(e is kept for kept in (*general, *domain)))
     dgp = _mean(e["gain_preservation"] for e in domain)
     if adapted is not None and domain and dgp is None:
         log.warning("domain_gain_preservation is undefined: no domain metric has a non-zero gain")
@@ -195,6 +242,7 @@ def compute_retention(
         "general_retention": _mean(e["retention"] for e in general),
         "domain_retention": _mean(e["retention"] for e in domain),
         "domain_gain_preservation": dgp,
+        "left_out": {name: entries[name]["relative_stderr"] for name in left_out},
         "general": sorted(e_name for e_name, e in entries.items() if e["kind"] == "general"),
         "domain": sorted(e_name for e_name, e in entries.items() if e["kind"] == "domain"),
         "raw": {"base": _raw(base), "adapted": _raw(adapted), "model": _raw(model)},
@@ -218,4 +266,5 @@ def retention_from_suite(model: Mapping[str, Any], base: Mapping[str, Any], adap
         general_corpora=[proxy.general.name, *custom("general", True)],
         domain_corpora=[proxy.domain.name, *custom("domain", True)],
         min_domain_gain=eval_cfg.min_domain_gain,
+        max_relative_stderr=eval_cfg.max_relative_stderr,
     )

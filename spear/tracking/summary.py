@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from spear.evaluation.retention import task_stderr
+
 PARETO_AXES = ("general_retention", "domain_gain_preservation")
 # the headline columns, in this order; every other metric is a raw column
 PRIMARY_COLUMNS = ("general_retention", "domain_gain_preservation", "mean_t")
@@ -22,19 +24,6 @@ FRONTIER_COLUMNS = tuple(f"frontier/{axis}" for axis in FRONTIER_AXES)
 
 
 # ----------------------------------------------------------------------------- rows
-
-
-def _binomial_se(p: float | None, n: int | None) -> float | None:
-    """Standard error of an accuracy over ``n`` samples: lm-eval leaves it out when not bootstrapping."""
-    if p is None or not n or not 0 <= p <= 1:
-        return None
-    return math.sqrt(p * (1 - p) / n)
-
-
-def _stderr_key(metric: str) -> str:
-    """lm-eval's name for a metric's stderr: the suffix goes before the filter (``exact_match_stderr,strict``)."""
-    base, comma, filt = metric.partition(",")
-    return f"{base}_stderr{comma}{filt}"
 
 
 def model_entry(name: str, kind: str, results: dict[str, Any], retention: dict[str, Any] | None,
@@ -47,16 +36,12 @@ def model_entry(name: str, kind: str, results: dict[str, Any], retention: dict[s
     ``general_retention`` and ``domain_gain_preservation``. ``extra`` is stored on the row too.
     """
     metrics: dict[str, Any] = {}
-    n_samples = results.get("n_samples", {})
     for task, values in results.get("tasks", {}).items():
         metric = results.get("primary_metric", {}).get(task)
         if metric is None or values.get(metric) is None:
             continue
         metrics[f"{task}/{metric}"] = values[metric]
-        se = values.get(_stderr_key(metric))
-        if se is None and metric.startswith("acc"):
-            n = n_samples.get(task)
-            se = _binomial_se(values[metric], n if isinstance(n, int) else None)
+        se = task_stderr(results, task, metric)
         if se is not None:
             metrics[f"{task}/{metric}_stderr"] = se
     for corpus, ppl in results.get("perplexity", {}).items():
@@ -66,6 +51,8 @@ def model_entry(name: str, kind: str, results: dict[str, Any], retention: dict[s
     if retention is not None:
         metrics["general_retention"] = retention.get("general_retention")
         metrics["domain_gain_preservation"] = retention.get("domain_gain_preservation")
+        if retention.get("left_out"):
+            extra = {**extra, "left_out": retention["left_out"]}
     return {"name": name, "kind": kind, "seed": seed, "metrics": metrics, **extra}
 
 
@@ -243,6 +230,19 @@ def _with_ci(entry: dict[str, Any], key: str) -> dict[str, Any]:
     return {"mean": entry["metrics"].get(key), "ci95": entry.get("ci95", {}).get(key)}
 
 
+def noisy_note(entries: Sequence[dict[str, Any]]) -> list[str]:
+    """The sentence naming the tasks left out of the aggregates as too noisy (none: no sentence)."""
+    left: dict[str, float] = {}
+    for e in entries:
+        for name, rel in (e.get("left_out") or {}).items():
+            left[name] = max(left.get(name, 0.0), rel or 0.0)
+    if not left:
+        return []
+    named = ", ".join(f"{name} (standard error {100 * rel:.1f}% of the base score)" for name, rel in sorted(left.items()))
+    return [f"Left out of general_retention and domain_gain_preservation as too noisy (eval.max_relative_stderr): "
+            f"{named}; its own column is in the raw table."]
+
+
 def summary_markdown(summary: dict[str, Any]) -> str:
     """``summary.md`` of a pipeline run: every model's metrics, the policy-vs-control relations and the
     cost per stage (``summary`` as in ``summary.json``: ``seeds``, ``models``, ``relations``, ``cost``)."""
@@ -256,6 +256,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         + (" ± half-width of the 95% t-interval over seeds." if len(seeds) > 1 else "."),
         "general_retention: mean over general entries of score(model)/score(base) (NLL: nll(base)/nll(model)); "
         "domain_gain_preservation: (dom(model)-dom(base))/(dom(adapted)-dom(base)).",
+        *noisy_note(entries),
         "",
         markdown_table(entries, [*PRIMARY_COLUMNS, *frontier_columns(entries), *raw_columns(entries)]),
         "",
