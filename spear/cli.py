@@ -83,11 +83,36 @@ def _restore(folder: Path, files: dict[str, bytes] | None) -> None:
         (folder / name).write_bytes(data)
 
 
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+def _config_overrides(argv: list[str]) -> list[str]:
+    return [arg for arg in argv if not arg.startswith("-")
+            and not arg.split("=", 1)[0].lstrip("+~").startswith(("hydra.", "hydra/"))]
+
+
 def _user_overrides(argv: list[str]) -> list[str] | None:
     """The config overrides of a single run, or ``None`` when Hydra's flags (``-m``, ``--cfg``) are used."""
     if any(arg.startswith("-") for arg in argv):
         return None
-    return [arg for arg in argv if not arg.split("=", 1)[0].lstrip("+~").startswith(("hydra.", "hydra/"))]
+    return _config_overrides(argv)
+
+
+def _sweep_jobs(argv: list[str]) -> list[list[str]]:
+    """The overrides of every job of a command-line multirun (``-m merge=slerp,linear``); none for other
+    Hydra flags (``--cfg``, ``--help``), which compose nothing to run."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    flags = [arg for arg in argv if arg.startswith("-")]
+    if not flags or any(flag not in MULTIRUN_FLAGS for flag in flags):
+        return []
+    try:
+        parsed = OverridesParser.create().parse_overrides(_config_overrides(argv))
+        return BasicSweeper.split_arguments(parsed, None)[0]
+    except HydraException as err:
+        raise SpearError(f"the sweep does not parse: {str(err).strip().splitlines()[0]}; see Hydra's override grammar") from None
 
 
 def _fail(err: SpearError) -> None:
@@ -128,11 +153,11 @@ def hydra_entry(stage: str, target: str) -> Callable[[], None]:
     def main() -> None:
         _set_offline_defaults()
         overrides = _user_overrides(sys.argv[1:])
-        if overrides is not None:
-            try:  # a misspelt key or option is one line, before Hydra creates a run dir
-                check_overrides(stage, overrides)
-            except SpearError as err:
-                _fail(err)
+        try:  # a misspelt key or option is one line, before Hydra creates a run dir (or a sweep's first job)
+            for job in [overrides] if overrides is not None else _sweep_jobs(sys.argv[1:]):
+                check_overrides(stage, job)
+        except SpearError as err:
+            _fail(err)
         requested = None if _secondary_rank() else _requested_run_dir(sys.argv[1:])
         if requested is None:
             _main()

@@ -146,3 +146,17 @@ def test_a_misspelt_key_or_option_is_one_line_before_any_run_dir(override, line,
     lines = [text for text in proc.stderr.strip().splitlines() if text.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(line), proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("sweep", "line"), [
+    ("merge=slerp,nosuch", "error: merge=nosuch is not an option; choose one of "),
+    ("policy.tt=0.1,0.2", "error: policy.tt is not a key of spear.merge"),
+    ("policy.t=[0.1", "error: the sweep does not parse: "),
+])
+def test_a_bad_job_of_a_multirun_is_one_line_before_any_job_runs(sweep, line, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "spear.merge", "-m", "logger=none", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                           "adapted=nowhere", "policy=uniform", sweep], capture_output=True, text=True,
+                          cwd=PROJECT_ROOT, timeout=300)
+    lines = [text for text in proc.stderr.strip().splitlines() if text.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(line), proc.stderr
+    assert not (tmp_path / "sweep").exists()
