@@ -264,3 +264,19 @@ def test_a_published_json_file_of_the_wrong_shape_says_which_format_it_needs(tmp
     finqa.write_text('{"qa": 1')
     with pytest.raises(SpearError, match="test.json line 1 is not JSON .*give a FinQA split file"):
         load_docs(_entry(name="finqa", path=str(finqa), format="finqa"))
+
+
+def test_a_file_is_parsed_once_per_version(tmp_path, monkeypatch):
+    """An evaluation checks, describes, writes and scores a benchmark: one parse, until the file changes."""
+    from spear.evaluation import custom
+
+    path = _mc_file(tmp_path / "mc.jsonl", forced=True, n=4)
+    calls = []
+    parse = custom._parse_docs
+    monkeypatch.setattr(custom, "_parse_docs", lambda entry: calls.append(entry.name) or parse(entry))
+    custom._cached_docs.cache_clear()
+    entry = _entry(name="mine", path=str(path), kind="multiple_choice")
+    first = custom.load_docs(entry)
+    assert custom.load_docs(entry) == first and custom.describe(entry)["records"] == 4 and len(calls) == 1
+    _mc_file(path, forced=True, n=5)  # edited: parsed again
+    assert len(custom.load_docs(entry)) == 5 and len(calls) == 2

@@ -32,6 +32,7 @@ from __future__ import annotations
 import csv
 import json
 import string
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -235,7 +236,23 @@ def kind_of(entry) -> str:
 
 
 def load_docs(entry) -> list[dict[str, Any]]:
-    """The checked, normalised records of a custom benchmark (see the module docstring)."""
+    """The checked, normalised records of a custom benchmark (see the module docstring), parsed once
+    per version of the file: an evaluation checks, describes, writes and scores them (read-only)."""
+    path = Path(entry.path).expanduser()
+    if not path.is_file():
+        return _parse_docs(entry)  # its one-line error
+    stat = path.stat()
+    return list(_cached_docs(entry.model_dump_json(), str(path.resolve()), stat.st_mtime_ns, stat.st_size))
+
+
+@lru_cache(maxsize=8)
+def _cached_docs(entry_json: str, path: str, mtime_ns: int, size: int) -> tuple[dict[str, Any], ...]:
+    from spear.config.schema import CustomTask
+
+    return tuple(_parse_docs(CustomTask.model_validate_json(entry_json)))
+
+
+def _parse_docs(entry) -> list[dict[str, Any]]:
     docs = []
     kind = kind_of(entry)
     records = FORMATS[entry.format][0](entry) if entry.format in FORMATS else read_records(entry)
