@@ -152,6 +152,10 @@ def test_writer_handles_dtypes_and_plans_shards(tmp_path):
     back = read_all(tmp_path / "w")
     for n, t in tensors.items():
         assert back[n].dtype == t.dtype and torch.equal(back[n], t), n
+    from spear.io.hashing import file_sha256
+
+    digests = w.summary()["sha256"]  # hashed as written: what the model card records without re-reading
+    assert len(digests) == len(w.files) > 1 and digests == {f: file_sha256(tmp_path / "w" / f) for f in w.files}
     assert parse_size("2GB") == 2 * 10**9 and parse_size("1GiB") == 2**30 and parse_size(1000) == 1000
     with pytest.raises(SpearError, match="max_shard_size"):
         parse_size("lots")

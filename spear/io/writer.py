@@ -13,6 +13,7 @@ so an interrupted write leaves nothing behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import struct
@@ -136,6 +137,7 @@ class ShardedSafetensorsWriter:
         self._pos = 0
         self._fh = None
         self._shard = -1
+        self._digests: dict[str, Any] = {}  # file -> sha256 of what was written, so no one re-reads it to hash it
         self.bytes_written = 0
         self.closed = False
 
@@ -158,9 +160,13 @@ class ShardedSafetensorsWriter:
             self._fh.close()
         self._shard = index
         self._fh = open(self.out_dir / self.files[index], "wb")
-        head = _header(self.shards[index], self.metadata)
-        self._fh.write(head)
-        self.bytes_written += len(head)
+        self._digests[self.files[index]] = hashlib.sha256()
+        self._emit(_header(self.shards[index], self.metadata))
+
+    def _emit(self, data) -> None:
+        self._fh.write(data)
+        self._digests[self.files[self._shard]].update(data)
+        self.bytes_written += len(data)
 
     def write(self, name: str, tensor) -> None:
         """Write the next declared tensor; its name, dtype and shape must match the plan."""
@@ -177,8 +183,7 @@ class ShardedSafetensorsWriter:
         if shard != self._shard:
             self._open_shard(shard)
         if spec.nbytes:
-            self._fh.write(_raw_bytes(tensor))
-        self.bytes_written += spec.nbytes
+            self._emit(_raw_bytes(tensor))
         self._pos += 1
 
     def close(self) -> dict[str, Any]:
@@ -192,10 +197,10 @@ class ShardedSafetensorsWriter:
             if index > self._shard:
                 self._open_shard(index)
         if not self.shards:
+            self._shard = 0
             self._fh = open(self.out_dir / self.files[0], "wb")
-            head = _header([], self.metadata)
-            self._fh.write(head)
-            self.bytes_written += len(head)
+            self._digests[self.files[0]] = hashlib.sha256()
+            self._emit(_header([], self.metadata))
         if self._fh is not None:
             self._fh.close()
             self._fh = None
@@ -211,4 +216,6 @@ class ShardedSafetensorsWriter:
         return self.summary()
 
     def summary(self) -> dict[str, Any]:
-        return {"files": list(self.files), "bytes_written": self.bytes_written, "num_tensors": len(self.specs)}
+        """Files, bytes and tensors written, and each shard's sha256 (as :func:`spear.io.hashing.file_sha256` gives)."""
+        return {"files": list(self.files), "bytes_written": self.bytes_written, "num_tensors": len(self.specs),
+                "sha256": {name: digest.hexdigest() for name, digest in self._digests.items()}}

@@ -109,6 +109,7 @@ def run_merge(cfg) -> dict[str, Any]:
         "adapted": {"path": str(adapted_dir)},
         "ranking": ranking_info,
         "files": result["files"],
+        "sha256": result["sha256"],
         "tokenizer_from": result["tokenizer_from"],
         "fallbacks": sum(1 for s in result["tensors"].values() if s.get("fallback")),
     }

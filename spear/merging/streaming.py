@@ -189,6 +189,7 @@ def merge_checkpoints(
         "bytes_read": reader.bytes_read,
         "bytes_written": summary["bytes_written"],
         "files": summary["files"],
+        "sha256": summary["sha256"],
         "seconds": time.perf_counter() - start,
         "peak_rss_bytes": peak_rss_bytes(),
     }

@@ -65,10 +65,12 @@ def _yaml_block(data: dict[str, Any]) -> str:
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
-def _provenance(models: dict[str, Path]) -> list[str]:
+def _provenance(models: dict[str, Path], known: dict[str, dict[str, str]] | None = None) -> list[str]:
+    """The digest table; ``known``: digests by role that the writer computed as it wrote (not re-read)."""
     lines = ["## Weights (sha256)", "", "| model | path | file | sha256 |", "|---|---|---|---|"]
     for role, path in models.items():
-        for name, digest in weight_digests(path).items():
+        digests = (known or {}).get(role) or weight_digests(path)
+        for name, digest in digests.items():
             lines.append(f"| {role} | `{path}` | `{name}` | `{digest}` |")
     return [*lines, ""]
 
@@ -86,12 +88,13 @@ def _made_by(config_yaml: str, version: str) -> list[str]:
             "The validated config of the run:", "", "```yaml", config_yaml.rstrip(), "```", ""]
 
 
-def card_text(meta: dict[str, Any], title: str, body: list[str], models: dict[str, Path], config_yaml: str) -> str:
+def card_text(meta: dict[str, Any], title: str, body: list[str], models: dict[str, Path], config_yaml: str,
+              known: dict[str, dict[str, str]] | None = None) -> str:
     """The card: front matter ``meta`` (``None`` values left out), ``body`` lines, digests and the config."""
     from spear import __version__
 
     head = _yaml_block({k: v for k, v in meta.items() if v is not None})
-    return "\n".join(["---", head.rstrip(), "---", "", f"# {title}", "", *body, *_provenance(models),
+    return "\n".join(["---", head.rstrip(), "---", "", f"# {title}", "", *body, *_provenance(models, known),
                       *_made_by(config_yaml, __version__)])
 
 
@@ -127,7 +130,8 @@ def write_merge_card(model_dir: Path, report: dict[str, Any], base_dir: Path, ad
     meta = {"base_model": str(base_dir), "library_name": "transformers", "tags": ["spear-mm", "merge"],
             "license": base_licence(base_dir)}
     text = card_text(meta, f"SPEAR-MM merge of {Path(adapted_dir).name}", body,
-                     {"base": Path(base_dir), "adapted": Path(adapted_dir), "output": Path(model_dir)}, config_yaml)
+                     {"base": Path(base_dir), "adapted": Path(adapted_dir), "output": Path(model_dir)}, config_yaml,
+                     known={"output": report.get("sha256") or {}})
     return write_text_atomic(Path(model_dir) / CARD, text)
 
 
