@@ -46,6 +46,7 @@ class MergedModel:
 
 
 ENTRY_KEYS = ("merge", "impact", "controls")  # an entry's keys that are not its policy's
+GROUP_SCHEMAS = {"merge": MergeConfig, "impact": ImpactConfig}
 
 
 @dataclass(frozen=True)
@@ -65,15 +66,15 @@ class Entry:
 
 def entry_from_spec(spec: str | dict[str, Any]) -> Entry:
     """A ``pipeline.extra_policies`` entry: a policy option name, or a dict of the policy's keys plus
-    optional ``merge`` (:func:`merge_from_spec`), ``impact`` (:func:`impact_from_spec`) and ``controls``."""
+    optional ``merge`` and ``impact`` (:func:`group_from_spec`) and ``controls``."""
     controls = True if isinstance(spec, str) else spec.get("controls", True)
     if not isinstance(controls, bool):
         raise SpearError(f"pipeline.extra_policies entry {spec!r}: controls={controls!r} must be true or false")
-    policy, impact = policy_from_spec(spec), impact_from_spec(spec)
+    policy, impact = policy_from_spec(spec), group_from_spec(spec, "impact")
     if impact is not None and policy.name not in NEEDS_RANKING:
         raise SpearError(f"pipeline.extra_policies entry {spec!r}: policy={policy.name} uses no ranking, so its "
                          f"impact has nothing to rank; drop `impact` or use one of {', '.join(NEEDS_RANKING)}")
-    return Entry(policy, merge_from_spec(spec), controls, impact)
+    return Entry(policy, group_from_spec(spec, "merge"), controls, impact)
 
 
 def policy_from_spec(spec: str | dict[str, Any]):
@@ -92,32 +93,18 @@ def policy_from_spec(spec: str | dict[str, Any]):
         raise SpearError(f"pipeline.extra_policies entry {spec!r}: {err}") from None
 
 
-def merge_from_spec(spec: str | dict[str, Any]):
-    """An extra policy's own ``merge`` config (``merge: dg_hard`` or ``merge: {name: dg_hard, ...}``), or ``None``."""
-    value = None if isinstance(spec, str) else spec.get("merge")
+def group_from_spec(spec: str | dict[str, Any], group: str):
+    """An extra policy's own ``merge`` or ``impact`` node (``merge: dg_hard`` or ``merge: {name: dg_hard, ...}``;
+    ``impact: grad_delta``), on its option's defaults, or ``None`` when the entry has none."""
+    value = None if isinstance(spec, str) else spec.get(group)
     if value is None:
         return None
     entry = {"name": value} if isinstance(value, str) else dict(value)
-    options = GROUP_OPTIONS["merge"]
+    options = GROUP_OPTIONS[group]
     if entry.get("name") not in options:
-        raise SpearError(f"pipeline.extra_policies entry {spec!r}: merge needs `name: <one of {', '.join(options)}>`")
+        raise SpearError(f"pipeline.extra_policies entry {spec!r}: {group} needs `name: <one of {', '.join(options)}>`")
     try:
-        return validate_node(MergeConfig, {**options[entry["name"]].model_dump(), **entry}, "merge")
-    except SpearError as err:
-        raise SpearError(f"pipeline.extra_policies entry {spec!r}: {err}") from None
-
-
-def impact_from_spec(spec: str | dict[str, Any]):
-    """An extra policy's own ranking proxy (``impact: grad_delta`` or ``impact: {name: custom, ...}``), or ``None``."""
-    value = None if isinstance(spec, str) else spec.get("impact")
-    if value is None:
-        return None
-    entry = {"name": value} if isinstance(value, str) else dict(value)
-    options = GROUP_OPTIONS["impact"]
-    if entry.get("name") not in options:
-        raise SpearError(f"pipeline.extra_policies entry {spec!r}: impact needs `name: <one of {', '.join(options)}>`")
-    try:
-        return validate_node(ImpactConfig, {**options[entry["name"]].model_dump(), **entry}, "impact")
+        return validate_node(GROUP_SCHEMAS[group], {**options[entry["name"]].model_dump(), **entry}, group)
     except SpearError as err:
         raise SpearError(f"pipeline.extra_policies entry {spec!r}: {err}") from None
 
