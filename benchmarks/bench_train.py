@@ -109,13 +109,14 @@ def spear_run(cfg, model, steps: int, warmup: int):
                 opt_bytes["bytes"] = sum(t.numel() * t.element_size() for s in opt.state.values()
                                          for t in s.values() if torch.is_tensor(t))
 
-    root = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    # the callbacks group as spear.train builds it (checkpoint.enabled=false: the SpeedMonitor only)
-    callbacks = [*build_callbacks(cfg, root / "checkpoints"), Probe()]
-    trainer = build_trainer(cfg.trainer, max_steps=steps + warmup, logger=build_logger(cfg.logger), callbacks=callbacks,
-                            enable_checkpointing=False, use_distributed_sampler=False, limit_val_batches=0,
-                            enable_progress_bar=False, default_root_dir=str(root))
-    trainer.fit(module, datamodule=dm)
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:  # the trainer's root: this run's own
+        root = Path(tmp)
+        # the callbacks group as spear.train builds it (checkpoint.enabled=false: the SpeedMonitor only)
+        callbacks = [*build_callbacks(cfg, root / "checkpoints"), Probe()]
+        trainer = build_trainer(cfg.trainer, max_steps=steps + warmup, logger=build_logger(cfg.logger),
+                                callbacks=callbacks, enable_checkpointing=False, use_distributed_sampler=False,
+                                limit_val_batches=0, enable_progress_bar=False, default_root_dir=str(root))
+        trainer.fit(module, datamodule=dm)
     return timer.seconds_per_step(warmup), opt_bytes["bytes"]
 
 
@@ -247,19 +248,24 @@ def main() -> None:
         except SpearError:
             log("bench_train: SmolLM2 not prepared, using tiny_llama")
     data = ["data.paths=[asset:finance_train]"]
+    corpus_dir = None  # this benchmark's own corpus, when the embedded one is not prepared
     try:
         from spear.embedded import asset_path
 
         asset_path("finance_train")
     except SpearError:
-        corpus = Path(tempfile.mkdtemp(prefix="bench-train-corpus-")) / "c.txt"
-        corpus.write_text(" ".join(f"account {i} balance credit debit." for i in range(20000)))
-        data = [f"data.paths=[{corpus}]"]
+        corpus_dir = Path(tempfile.mkdtemp(prefix="bench-train-corpus-"))
+        (corpus_dir / "c.txt").write_text(" ".join(f"account {i} balance credit debit." for i in range(20000)))
+        data = [f"data.paths=[{corpus_dir / 'c.txt'}]"]
     shapes = [tuple(int(x) for x in s.lower().split("x")) for s in (args.shape or ["4x256", "2x128"])]
     base, _ = load_model(model_ref)
     load = machine_load()
-    rows = [measure_shape(args, model_ref, data, base, b, s, with_freeze=(i == 0)) for i, (b, s) in enumerate(shapes)]
-    memory = None if args.no_memory else memory_of_a_run(model_ref, data, *shapes[0])
+    try:
+        rows = [measure_shape(args, model_ref, data, base, b, s, with_freeze=(i == 0)) for i, (b, s) in enumerate(shapes)]
+        memory = None if args.no_memory else memory_of_a_run(model_ref, data, *shapes[0])
+    finally:
+        if corpus_dir is not None:
+            shutil.rmtree(corpus_dir)
 
     print(f"{'batch':>7} {'path':>12} {'tok/s min/med/max':>22} {'range':>7} {'MFU':>6}")
     for row in rows:
