@@ -164,3 +164,20 @@ def test_write_summary_writes_json_markdown_and_plot(tmp_path):
     assert (tmp_path / "summary.md").read_text() == text == summary_markdown(summary)
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert (tmp_path / "pareto.png").stat().st_size > 0
+
+
+def test_the_zoom_panel_frames_the_fronts_pareto_points(tmp_path):
+    """The second panel covers the sweep's Pareto-optimal points (not the dominated ends) with their extent as margin."""
+    from PIL import Image
+
+    from spear.tracking.summary import _front_box, pareto_plot
+
+    sweep = [(2.29, 3.11), (2.20, 3.03), (2.16, 2.98), (2.17, 2.97), (2.35, 3.01)]  # t = 0, .25, .5, .75, 1
+    x0, x1, y0, y1 = _front_box(sweep)
+    pad = 0.019  # a tenth of the sweep's larger extent (2.16..2.35): more than the front's own (0.01)
+    assert (x0, x1, y0, y1) == pytest.approx((2.16 - pad, 2.17 + pad, 2.97 - pad, 2.98 + pad))
+    per_seed = {"1": [{"t": i / 4, "domain_nll": d, "general_nll": g} for i, (d, g) in enumerate(sweep)]}
+    entries = [{"name": "m", "kind": "policy", "metrics": {"nll/dom": 2.165, "nll/gen": 2.975}}]
+    with_front = pareto_plot(entries, tmp_path / "front.png", frontier={"domain": "dom", "general": "gen", "per_seed": per_seed})
+    without = pareto_plot([_entry("m", 0.9, 0.5)], tmp_path / "plain.png")
+    assert Image.open(with_front).size[0] == 2 * Image.open(without).size[0]  # two panels side by side

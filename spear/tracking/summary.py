@@ -280,46 +280,65 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------- files
 
 
+def _front_box(points: Sequence[tuple[float, float]]) -> tuple[float, float, float, float]:
+    """(x0, x1, y0, y1) around the sweep's Pareto-optimal points (lower is better on both axes), padded by
+    the front's own extent or a tenth of the whole sweep's, whichever is larger: the region where a method
+    that competes with the front lands."""
+    front = [p for p in points if not any(q[0] <= p[0] and q[1] <= p[1] and q != p for q in points)]
+    xs, ys = [p[0] for p in front], [p[1] for p in front]
+    whole = max(max(p[0] for p in points) - min(p[0] for p in points), max(p[1] for p in points) - min(p[1] for p in points))
+    pad = max(max(xs) - min(xs), max(ys) - min(ys), whole / 10)
+    return min(xs) - pad, max(xs) + pad, min(ys) - pad, max(ys) + pad
+
+
 def pareto_plot(entries: Sequence[dict[str, Any]], path: Path, title: str = "SPEAR-MM trade-off",
                 frontier: dict[str, Any] | None = None) -> Path:
     """One labelled point per model (with its seed interval). With ``frontier`` (summary.json's): the
-    low-noise axes, domain NLL vs general NLL, and the uniform sweep's mean front as a line; without:
+    low-noise axes, domain NLL vs general NLL, the uniform sweep's mean front as a line, and a second
+    panel zoomed on the front's best points, where the methods that compete with it crowd; without:
     general retention vs domain-gain preservation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    sweep_mean: list[tuple[float, float]] = []
     if frontier and frontier.get("per_seed"):
         axes = (f"nll/{frontier['domain']}", f"nll/{frontier['general']}")
         labels = (f"domain NLL ({frontier['domain']}, nats/token; lower is better)",
                   f"general NLL ({frontier['general']}, nats/token; lower is better)")
+        sweeps = list(frontier["per_seed"].values())
+        sweep_mean = [(sum(s[i]["domain_nll"] for s in sweeps) / len(sweeps),
+                       sum(s[i]["general_nll"] for s in sweeps) / len(sweeps)) for i in range(len(sweeps[0]))]
     else:
         axes = PARETO_AXES
         labels = ("general retention (1 = base)", "domain-gain preservation (1 = adapted)")
-    fig, ax = plt.subplots(figsize=(6.5, 5))
-    if frontier and frontier.get("per_seed"):
-        sweeps = list(frontier["per_seed"].values())
-        mean = [(sum(s[i]["domain_nll"] for s in sweeps) / len(sweeps), sum(s[i]["general_nll"] for s in sweeps) / len(sweeps))
-                for i in range(len(sweeps[0]))]
-        ax.plot([p[0] for p in mean], [p[1] for p in mean], "-", color="grey", alpha=0.7, label="uniform sweep (mean)")
-        ax.legend(fontsize=8)
-    for e in entries:
-        x, y = e["metrics"].get(axes[0]), e["metrics"].get(axes[1])
-        if x is None or y is None:
-            continue
-        ci = e.get("ci95", {})
-        xerr = [[x - ci[axes[0]][0]], [ci[axes[0]][1] - x]] if axes[0] in ci else None
-        yerr = [[y - ci[axes[1]][0]], [ci[axes[1]][1] - y]] if axes[1] in ci else None
-        baseline = e["name"] in ("base", "adapted")
-        sweep = e.get("kind") == "frontier"
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="s" if baseline else ("." if sweep else "o"), capsize=3,
-                    color="black" if baseline else ("grey" if sweep else None))
-        ax.annotate(e["name"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7 if sweep else 8)
-    ax.set_xlabel(labels[0])
-    ax.set_ylabel(labels[1])
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
+    zoom = _front_box(sweep_mean) if len(sweep_mean) > 2 else None
+    fig, panels = plt.subplots(1, 2 if zoom else 1, figsize=(13 if zoom else 6.5, 5), squeeze=False)
+    for ax, box in zip(panels[0], [None, zoom] if zoom else [None], strict=True):
+        if sweep_mean:
+            ax.plot([p[0] for p in sweep_mean], [p[1] for p in sweep_mean], "-", color="grey", alpha=0.7,
+                    label="uniform sweep (mean)")
+            ax.legend(fontsize=8)
+        for i, e in enumerate(entries):  # a model keeps its colour in both panels
+            x, y = e["metrics"].get(axes[0]), e["metrics"].get(axes[1])
+            if x is None or y is None or (box and not (box[0] <= x <= box[1] and box[2] <= y <= box[3])):
+                continue
+            ci = e.get("ci95", {})
+            xerr = [[x - ci[axes[0]][0]], [ci[axes[0]][1] - x]] if axes[0] in ci else None
+            yerr = [[y - ci[axes[1]][0]], [ci[axes[1]][1] - y]] if axes[1] in ci else None
+            baseline = e["name"] in ("base", "adapted")
+            sweep = e.get("kind") == "frontier"
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="s" if baseline else ("." if sweep else "o"), capsize=3,
+                        color="black" if baseline else ("grey" if sweep else f"C{i % 10}"))
+            ax.annotate(e["name"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7 if sweep else 8)
+        if box:
+            ax.set_xlim(box[0], box[1])
+            ax.set_ylim(box[2], box[3])
+        ax.set_xlabel(labels[0])
+        ax.set_ylabel(labels[1])
+        ax.set_title(f"{title}: near the front's best points" if box else title)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
