@@ -1,11 +1,11 @@
 """Where a CPT step's unexplained memory goes: the vocabulary's logits, measured apart.
 
 ``train_summary.json`` accounts a CPT's peak RSS as weights + gradients + optimizer state + the
-activations autograd saves, and leaves a remainder (0.68 GB on SmolLM2 at 4 x 256): the transient
-buffers of the output layer, which no saved-tensor count sees. The float32 logits of a batch
+activations autograd saves, and leaves a remainder (0.68 GB on SmolLM2 at 4 x 256). One suspect is
+the output layer's transient buffers, which no saved-tensor count sees: the float32 logits of a batch
 (tokens x vocabulary x 4 bytes, 0.2 GB here), their log-softmax and the gradients of both exist
-together during the backward pass. This benchmark runs the same optimizer steps in fresh processes
-twice and compares their peak RSS (VmHWM):
+together during the backward pass. This benchmark measures that share apart: it runs the same
+optimizer steps in fresh processes twice and compares their peak RSS (VmHWM):
 
 * baseline: spear's CPT loss (``spear.cpt.module.next_token_loss``, the model's own loss on full logits);
 * chunked: the same loss computed ``--chunk`` positions at a time, each chunk's logits recomputed in
