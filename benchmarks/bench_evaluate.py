@@ -11,9 +11,13 @@ Same process, same model (the embedded SmolLM2-135M; ``--tiny`` for tiny_llama),
   The gap is lm-eval's own work: building and sorting requests, tokenising, log-softmax, collation.
 
 Tokens are the tokens forwarded (padding included, the same for a path and its baseline), so the
-ratio is a time ratio. Repeats interleave path and baseline; min / median / max are reported with
-whether they resolve 5% (95% interval of the mean within ±2.5%). MFU = tokens/s x forward model FLOPs per token / the attainable matmul
-FLOP/s at the batch's GEMM shapes (``roofline.py``). Target (recorded, not asserted): each path
+ratio is a time ratio. Each repeat is a pair, path and baseline back to back (alternating which goes
+first): the machine's speed moves by 20-30% between repeats on this project's shared 2-core VM, less
+within a pair. ``--pilot-pairs`` pairs size the run (Stein's two-stage rule, ``roofline.pairs_needed``:
+the pairs whose 95% interval of the mean ratio is within ±2.5%, within ``--max-s``); min / median /
+max are reported, and the per-pair ratio decides whether the run resolves 5%. MFU = tokens/s x
+forward model FLOPs per token / the attainable matmul FLOP/s at the batch's GEMM shapes
+(``roofline.py``). Target (recorded, not asserted): each path
 >= 0.8x its baseline. The last line is the JSON object.
 """
 
@@ -37,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from roofline import forward_flops_per_token, machine_load, matmul_roofline, spread  # noqa: E402
+from roofline import forward_flops_per_token, machine_load, matmul_roofline, pairs_needed, spread  # noqa: E402
 
 from spear.errors import SpearError  # noqa: E402
 
@@ -68,30 +72,53 @@ class ForwardRecorder:
         del self.model.forward  # back to the class's forward
 
 
-def plain_forward(model, batches: list[torch.Tensor]) -> float:
-    start = time.perf_counter()
+def plain_forward(model, batches: list[torch.Tensor]) -> None:
     with torch.no_grad():
         for ids in batches:
             model(input_ids=ids, use_cache=False)
+
+
+def seconds_of(fn) -> float:
+    start = time.perf_counter()
+    fn()
     return time.perf_counter() - start
+
+
+def paired_repeats(name: str, tokens: int, path, baseline, *, pilot: int, max_s: float) -> tuple[list[float], list[float]]:
+    """Seconds of ``path()`` and ``baseline()`` run back to back (alternating which goes first): ``pilot``
+    pairs, then as many as :func:`roofline.pairs_needed` says resolve 5%, within ``max_s`` seconds in all."""
+    path_s: list[float] = []
+    base_s: list[float] = []
+    target, start = pilot, time.perf_counter()
+    while len(path_s) < target:
+        r = len(path_s)
+        for which in (("path", "baseline") if r % 2 == 0 else ("baseline", "path")):
+            (path_s if which == "path" else base_s).append(seconds_of(path if which == "path" else baseline))
+        log(f"{name} pair {r}: path {tokens / path_s[-1]:.0f} tok/s, baseline {tokens / base_s[-1]:.0f} tok/s")
+        if len(path_s) == pilot:
+            cap = max(pilot, int(max_s / ((time.perf_counter() - start) / pilot)))
+            target = pairs_needed([b / p for p, b in zip(path_s, base_s, strict=True)], pilot, cap)
+            log(f"{name}: pilot of {pilot} pairs: {target} pairs in all")
+    return path_s, base_s
 
 
 def summarise(tokens: int, path_s: list[float], base_s: list[float], flops_per_token: float, roof: float) -> dict:
     path, base = spread([tokens / s for s in path_s]), spread([tokens / s for s in base_s])
-    ratio = spread([b / p for p, b in zip(path_s, base_s, strict=True)])  # path tok/s / baseline tok/s, per repeat
+    ratio = spread([b / p for p, b in zip(path_s, base_s, strict=True)])  # path tok/s / baseline tok/s, per pair
     return {"tokens": tokens, "path_tokens_per_s": path, "baseline_tokens_per_s": base, "ratio": ratio,
             "path_mfu": round(path["median"] * flops_per_token / roof, 4),
             "baseline_mfu": round(base["median"] * flops_per_token / roof, 4),
             "attainable_gflops": round(roof / 1e9, 2),
-            "resolves_5pct": bool(path["resolves_5pct"] and base["resolves_5pct"])}
+            "resolves_5pct": ratio["resolves_5pct"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="use tiny_llama even when SmolLM2 is prepared")
-    ap.add_argument("--tokens", type=int, default=8192, help="perplexity corpus tokens")
-    ap.add_argument("--questions", type=int, default=100, help="ARC-Easy questions for the lm-eval path")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=2048, help="perplexity corpus tokens (one repeat)")
+    ap.add_argument("--questions", type=int, default=25, help="ARC-Easy questions for the lm-eval path (one repeat)")
+    ap.add_argument("--pilot-pairs", type=int, default=8, help="repeats whose spread sizes the run")
+    ap.add_argument("--max-s", type=float, default=600.0, help="the most seconds one path's pairs may take")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -122,16 +149,11 @@ def main() -> None:
     batches = [torch.stack([ids[b:e] for b, e, _ in g]) for g in groups if g]
     tokens = sum(int(b.numel()) for b in batches)
     roof = matmul_roofline(model.config, batch * max_length, training=False)["flops_per_s"]
-    spear_s, plain_s = [], []
-    for r in range(args.repeats):
-        for which in (("spear", "plain") if r % 2 == 0 else ("plain", "spear")):
-            if which == "spear":
-                start = time.perf_counter()
-                corpus_nll_from_ids(model, ids, max_length=max_length, stride=stride, batch_size=batch)
-                spear_s.append(time.perf_counter() - start)
-            else:
-                plain_s.append(plain_forward(model, batches))
-        log(f"perplexity repeat {r}: spear {tokens / spear_s[-1]:.0f} tok/s, plain {tokens / plain_s[-1]:.0f} tok/s")
+    spear_s, plain_s = paired_repeats(
+        "perplexity", tokens,
+        lambda: corpus_nll_from_ids(model, ids, max_length=max_length, stride=stride, batch_size=batch),
+        lambda: plain_forward(model, batches), pilot=args.pilot_pairs, max_s=args.max_s)
+    roof = max(roof, matmul_roofline(model.config, batch * max_length, training=False)["flops_per_s"])  # the faster reading
     rows["perplexity"] = summarise(tokens, spear_s, plain_s, forward_flops_per_token(model.config, max_length), roof)
 
     # lm-eval loglikelihood requests
@@ -144,29 +166,22 @@ def main() -> None:
     mean_len = statistics.mean(int(b.shape[1]) for b in captured)
     mean_rows = statistics.mean(int(b.shape[0]) for b in captured)
     roof = matmul_roofline(model.config, int(mean_rows * mean_len), training=False)["flops_per_s"]
-    lm_s, replay_s = [], []
-    for r in range(args.repeats):
-        for which in (("lm_eval", "replay") if r % 2 == 0 else ("replay", "lm_eval")):
-            if which == "lm_eval":
-                start = time.perf_counter()
-                run_lm_eval(model, tokenizer, eval_cfg)
-                lm_s.append(time.perf_counter() - start)
-            else:
-                replay_s.append(plain_forward(model, captured))
-        log(f"lm-eval repeat {r}: lm-eval {tokens / lm_s[-1]:.0f} tok/s, replay {tokens / replay_s[-1]:.0f} tok/s")
+    lm_s, replay_s = paired_repeats("lm-eval", tokens, lambda: run_lm_eval(model, tokenizer, eval_cfg),
+                                    lambda: plain_forward(model, captured), pilot=args.pilot_pairs, max_s=args.max_s)
+    roof = max(roof, matmul_roofline(model.config, int(mean_rows * mean_len), training=False)["flops_per_s"])
     rows["lm_eval_loglikelihood"] = {**summarise(tokens, lm_s, replay_s, forward_flops_per_token(model.config, int(mean_len)), roof),
                                      "batches": len(captured), "mean_batch": [round(mean_rows, 1), round(mean_len, 1)]}
 
-    print(f"{'path':>22} {'tok/s min/med/max':>24} {'baseline tok/s':>15} {'ratio':>7} {'MFU':>6}")
+    print(f"{'path':>22} {'tok/s min/med/max':>24} {'baseline tok/s':>15} {'ratio':>7} {'95%':>7} {'pairs':>6} {'MFU':>6}")
     for name, row in rows.items():
         p, b = row["path_tokens_per_s"], row["baseline_tokens_per_s"]
         print(f"{name:>22} {p['min']:7.0f}/{p['median']:7.0f}/{p['max']:7.0f} {b['median']:15.0f} "
-              f"{row['ratio']['median']:7.3f} {row['path_mfu']:6.3f}")
+              f"{row['ratio']['median']:7.3f} ±{row['ratio']['ci95_rel']:.3f} {row['ratio']['n']:6d} {row['path_mfu']:6.3f}")
     resolved = all(row["resolves_5pct"] for row in rows.values())
     ratios = {name: round(row["ratio"]["median"], 4) for name, row in rows.items()}
     print(json.dumps({"bench": "evaluate", "baseline": "plain batched forward of the same tokens", "model": model_ref,
                       "rows": rows, "ratios": ratios, "target": TARGET, "met": all(v >= TARGET for v in ratios.values()),
-                      "resolved": resolved, "note": None if resolved else "repeats spread more than 5%: too noisy to decide",
+                      "resolved": resolved, "note": None if resolved else "the paired ratios spread more than 5%: too noisy to decide",
                       "threads": torch.get_num_threads(), "load_before": load, "load_after": machine_load()}))
 
 

@@ -4,15 +4,13 @@
   of a decoder layer and the vocabulary projection, forward and the two backward GEMMs), timed for
   ``min_seconds`` each; the figure is the FLOP-weighted rate (total FLOPs / total time), i.e. what
   the model's matmuls alone would reach if nothing else ran.
-- :func:`gemm_probe`: a one-second reading of one of those GEMMs, taken next to every timed repeat so
-  that a benchmark can divide out the machine's own drift (a shared VM's speed moves by 10-20% over minutes).
 - :func:`memory_bandwidth`: bytes/s of a large tensor copy (read + write), the roof for memory-bound work.
 - :func:`train_flops_per_token` / :func:`forward_flops_per_token`: model FLOPs per token, PaLM's
   convention (arXiv 2204.02311, App. B): ``6 N + 12 L H Q T`` for training, a third of it forward,
   with ``N`` the parameters that multiply (the embedding lookup excluded, the vocabulary projection
   included), ``L`` layers, ``H`` heads of size ``Q``, ``T`` the sequence length.
 - :func:`spread`: min / median / max of repeats, the 95% interval of their mean, and whether they resolve
-  a 5% difference.
+  a 5% difference; :func:`pairs_needed`: how many paired repeats resolve it, from a pilot's spread.
 
 ``python benchmarks/roofline.py`` prints the figures for the embedded SmolLM2 shape.
 """
@@ -20,6 +18,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
@@ -99,15 +98,6 @@ def matmul_roofline(config, tokens: int, *, dtype=torch.float32, device: str = "
             "threads": torch.get_num_threads(), "per_shape": per_shape}
 
 
-def gemm_probe(config, tokens: int, *, dtype=torch.float32, device: str = "cpu", min_seconds: float = 1.0) -> float:
-    """FLOP/s of the model's MLP up-projection GEMM (``tokens x hidden @ hidden x intermediate``): a one-second
-    reading of the machine's speed, taken next to each timed repeat to correct for its drift."""
-    d = _dims(config)
-    x = torch.randn(tokens, d["hidden"], dtype=dtype, device=device)
-    w = torch.randn(d["hidden"], d["inter"], dtype=dtype, device=device)
-    return 2.0 * tokens * d["hidden"] * d["inter"] / _time_op(lambda: torch.mm(x, w), min_seconds)
-
-
 def memory_bandwidth(nbytes: int = 1 << 28, *, device: str = "cpu", min_seconds: float = 0.5) -> float:
     """Bytes/s of ``dst.copy_(src)`` over ``nbytes`` (each byte read once and written once)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
@@ -134,6 +124,19 @@ def spread(values: list[float]) -> dict[str, Any]:
     return {"values": [round(v, 4) for v in values], "min": min(values), "median": med, "max": max(values), "n": n,
             "rel_range": round(rel, 4),
             "ci95_rel": round(half, 4), "resolves_5pct": bool(half <= RESOLVE / 2)}
+
+
+def pairs_needed(ratios: list[float], pilot: int, cap: int) -> int:
+    """Stein's two-stage sample size: from the ``pilot`` pairs' spread, the pairs whose 95% interval of the
+    mean ratio is within ±RESOLVE/2 (at least the pilot, at most ``cap``). The interval is then computed
+    on all pairs; fixing the count from the pilot keeps it honest, where stopping at the first pair
+    whose running interval looks narrow enough would not. 20% more than the estimate allows for the
+    pilot's own error in the spread."""
+    from scipy import stats
+
+    rel_sd = statistics.stdev(ratios) / statistics.fmean(ratios)
+    need = math.ceil(1.2 * (float(stats.t.ppf(0.975, len(ratios) - 1)) * rel_sd / (RESOLVE / 2)) ** 2)
+    return min(cap, max(pilot, need))
 
 
 def machine_load() -> dict[str, Any]:
