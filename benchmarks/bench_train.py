@@ -9,9 +9,10 @@ of its steps, from a callback, so every pair meets the same machine. On this pro
 the speed moves by 20-30% between 30-second windows (neighbours on shared cores: the repeats of
 separate timed windows never agreed within 5%, with or without a GEMM probe to divide by), but
 much less within one pair. Per pair, plain seconds / spear seconds is spear's tokens/s over the
-plain loop's; ``--window-s`` sizes the number of pairs (at least ``--min-pairs``, after
-``--warmup`` untimed ones), and their median, range and 95% interval of the mean are reported: a
-ratio resolves 5% when that interval is within ±2.5% (the JSON line says when it is not).
+plain loop's. After ``--warmup`` untimed pairs, a pilot of ``--pilot-pairs`` fixes how many pairs
+the ratio needs (``roofline.pairs_needed``, within ``--max-s``); their median, range and 95% interval
+of the mean are reported: a ratio resolves 5% when that interval is within ±2.5% (the JSON line says
+when it is not).
 
 * throughput: tokens/s of ``spear.train``'s code path (``spear.config.compose("train", ...)`` ->
   SpearDataModule + CPTModule + build_trainer, with its callbacks) vs the plain loop, as the
@@ -228,14 +229,13 @@ def measure_shape(args, model_ref: str, data: list[str], base, batch: int, block
     row = {"batch": f"{batch}x{block}", "tokens_per_step": tokens, "pairs": len(runs["spear"]["spear"]),
            "attainable_gflops": round(roof / 1e9, 2), "roofline_drift": round(abs(roof_before - roof_after) / roof, 4),
            "train_gflop_per_token": round(flops_per_token / 1e9, 4)}
-    timed = {which: {path: seconds for path, seconds in run.items() if path != "optimizer_bytes"} for which, run in runs.items()}
-    row["spear"] = per_step_stats(tokens, timed["spear"]["spear"], flops_per_token, roof)
-    row["plain"] = per_step_stats(tokens, timed["spear"]["plain"], flops_per_token, roof)
+    row["spear"] = per_step_stats(tokens, runs["spear"]["spear"], flops_per_token, roof)
+    row["plain"] = per_step_stats(tokens, runs["spear"]["plain"], flops_per_token, roof)
     # per pair: plain seconds / spear seconds = spear's tokens/s over plain's, on the same machine state
-    row["spear_vs_plain"] = ratio_stats(timed["spear"]["plain"], timed["spear"]["spear"])
+    row["spear_vs_plain"] = ratio_stats(runs["spear"]["plain"], runs["spear"]["spear"])
     if with_freeze:
-        row["freeze_top8"] = per_step_stats(tokens, timed["freeze_top8"]["spear"], flops_per_token, roof)
-        row["freeze_top8_vs_plain"] = ratio_stats(timed["freeze_top8"]["plain"], timed["freeze_top8"]["spear"])
+        row["freeze_top8"] = per_step_stats(tokens, runs["freeze_top8"]["spear"], flops_per_token, roof)
+        row["freeze_top8_vs_plain"] = ratio_stats(runs["freeze_top8"]["plain"], runs["freeze_top8"]["spear"])
         # both runs are paired against the same plain loop: (spear/plain) / (freeze/plain) = freeze's step time / spear's
         step_time = row["spear_vs_plain"]["median"] / row["freeze_top8_vs_plain"]["median"]
         half = math.hypot(row["spear_vs_plain"]["ci95_rel"], row["freeze_top8_vs_plain"]["ci95_rel"])  # independent runs
