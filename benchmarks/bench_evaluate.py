@@ -13,9 +13,9 @@ Same process, same model (the embedded SmolLM2-135M; ``--tiny`` for tiny_llama),
 Tokens are the tokens forwarded (padding included, the same for a path and its baseline), so the
 ratio is a time ratio. Each repeat is a pair, path and baseline back to back (alternating which goes
 first): the machine's speed moves by 20-30% between repeats on this project's shared 2-core VM, less
-within a pair. ``--pilot-pairs`` pairs size the run (Stein's two-stage rule, ``roofline.pairs_needed``:
-the pairs whose 95% interval of the mean ratio is within ±2.5%, within ``--max-s``); min / median /
-max are reported, and the per-pair ratio decides whether the run resolves 5%. MFU = tokens/s x
+within a pair. After ``--pilot-pairs`` pairs, pairs go on until their spread says the 95% interval of
+the mean ratio is within ±2.5% (``roofline.enough_pairs``, within ``--max-s``); min / median / max
+are reported, and the per-pair ratio decides whether the run resolves 5%. MFU = tokens/s x
 forward model FLOPs per token / the attainable matmul FLOP/s at the batch's GEMM shapes
 (``roofline.py``). Target (recorded, not asserted): each path
 >= 0.8x its baseline. The last line is the JSON object.
@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from roofline import forward_flops_per_token, machine_load, matmul_roofline, pairs_needed, spread  # noqa: E402
+from roofline import enough_pairs, forward_flops_per_token, machine_load, matmul_roofline, spread  # noqa: E402
 
 from spear.errors import SpearError  # noqa: E402
 
@@ -86,20 +86,20 @@ def seconds_of(fn) -> float:
 
 def paired_repeats(name: str, tokens: int, path, baseline, *, pilot: int, max_s: float) -> tuple[list[float], list[float]]:
     """Seconds of ``path()`` and ``baseline()`` run back to back (alternating which goes first): ``pilot``
-    pairs, then as many as :func:`roofline.pairs_needed` says resolve 5%, within ``max_s`` seconds in all."""
+    pairs, then more until :func:`roofline.enough_pairs` says they resolve 5%, within ``max_s`` seconds."""
     path_s: list[float] = []
     base_s: list[float] = []
-    target, start = pilot, time.perf_counter()
-    while len(path_s) < target:
+    start = time.perf_counter()
+    while True:
         r = len(path_s)
         for which in (("path", "baseline") if r % 2 == 0 else ("baseline", "path")):
             (path_s if which == "path" else base_s).append(seconds_of(path if which == "path" else baseline))
         log(f"{name} pair {r}: path {tokens / path_s[-1]:.0f} tok/s, baseline {tokens / base_s[-1]:.0f} tok/s")
-        if len(path_s) == pilot:
-            cap = max(pilot, int(max_s / ((time.perf_counter() - start) / pilot)))
-            target = pairs_needed([b / p for p, b in zip(path_s, base_s, strict=True)], pilot, cap)
-            log(f"{name}: pilot of {pilot} pairs: {target} pairs in all")
-    return path_s, base_s
+        n = len(path_s)
+        cap = max(pilot, int(max_s / ((time.perf_counter() - start) / n)))  # the pairs max_s allows at this pace
+        if n >= pilot and enough_pairs([b / p for p, b in zip(path_s, base_s, strict=True)], pilot, cap):
+            log(f"{name}: {n} pairs")
+            return path_s, base_s
 
 
 def summarise(tokens: int, path_s: list[float], base_s: list[float], flops_per_token: float, roof: float) -> dict:
@@ -117,8 +117,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="use tiny_llama even when SmolLM2 is prepared")
     ap.add_argument("--tokens", type=int, default=2048, help="perplexity corpus tokens (one repeat)")
     ap.add_argument("--questions", type=int, default=25, help="ARC-Easy questions for the lm-eval path (one repeat)")
-    ap.add_argument("--pilot-pairs", type=int, default=8, help="repeats whose spread sizes the run")
-    ap.add_argument("--max-s", type=float, default=600.0, help="the most seconds one path's pairs may take")
+    ap.add_argument("--pilot-pairs", type=int, default=16, help="pairs before the spread may stop the run")
+    ap.add_argument("--max-s", type=float, default=900.0, help="the most seconds one path's pairs may take")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")

@@ -9,10 +9,10 @@ of its steps, from a callback, so every pair meets the same machine. On this pro
 the speed moves by 20-30% between 30-second windows (neighbours on shared cores: the repeats of
 separate timed windows never agreed within 5%, with or without a GEMM probe to divide by), but
 much less within one pair. Per pair, plain seconds / spear seconds is spear's tokens/s over the
-plain loop's. After ``--warmup`` untimed pairs, a pilot of ``--pilot-pairs`` fixes how many pairs
-the ratio needs (``roofline.pairs_needed``, within ``--max-s``); their median, range and 95% interval
-of the mean are reported: a ratio resolves 5% when that interval is within ±2.5% (the JSON line says
-when it is not).
+plain loop's. After ``--warmup`` untimed pairs and a pilot of ``--pilot-pairs``, pairs go on until
+their spread says the interval is narrow enough (``roofline.enough_pairs``, within ``--max-s``); their
+median, range and 95% interval of the mean are reported: a ratio resolves 5% when that interval is
+within ±2.5% (the JSON line says when it is not).
 
 * throughput: tokens/s of ``spear.train``'s code path (``spear.config.compose("train", ...)`` ->
   SpearDataModule + CPTModule + build_trainer, with its callbacks) vs the plain loop, as the
@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from roofline import machine_load, matmul_roofline, pairs_needed, spread, train_flops_per_token  # noqa: E402
+from roofline import enough_pairs, machine_load, matmul_roofline, pairs_needed, spread, train_flops_per_token  # noqa: E402
 
 from spear.errors import SpearError  # noqa: E402
 from spear.models import layer_map_for  # noqa: E402
@@ -113,7 +113,7 @@ class PlainLoop:
 def paired_run(cfg, plain_cfg, base, *, warmup: int, pilot: int, cap: int) -> dict:
     """spear's Lightning path (``cfg``) with one plain-loop step (``plain_cfg``, on its own copy of
     ``base``) run after each of its steps, from a callback: ``warmup`` untimed pairs, ``pilot`` timed
-    ones, then as many as :func:`pairs_needed` says (``pilot == cap``: exactly ``pilot``).
+    ones, then more until :func:`enough_pairs` (``pilot == cap``: exactly ``pilot``).
 
     A spear step is timed from the end of the plain step before it to the end of its own batch, so it
     carries all of Lightning's per-step work (batch fetch, hooks, logging, the module's own hooks);
@@ -144,7 +144,6 @@ def paired_run(cfg, plain_cfg, base, *, warmup: int, pilot: int, cap: int) -> di
 
     class Interleave(pl.Callback):
         resumed: float | None = None
-        target: int | None = None
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             end = time.perf_counter()
@@ -155,12 +154,11 @@ def paired_run(cfg, plain_cfg, base, *, warmup: int, pilot: int, cap: int) -> di
             if self.resumed is not None:  # the first step has no plain step before it to time from
                 pairs["spear"].append(end - self.resumed)
                 pairs["plain"].append(plain_seconds)
-                timed = len(pairs["spear"]) - warmup
-                if timed == pilot:
-                    ratios = [p / s for s, p in zip(pairs["spear"][warmup:], pairs["plain"][warmup:], strict=True)]
-                    self.target = pairs_needed(ratios, pilot, cap)
-                    log(f"  pilot of {pilot} pairs: {self.target} pairs in all")
-                if self.target is not None and timed >= self.target:
+                ratios = [p / s for s, p in zip(pairs["spear"][warmup:], pairs["plain"][warmup:], strict=True)]
+                if len(ratios) == pilot:
+                    log(f"  pilot of {pilot} pairs: about {pairs_needed(ratios, pilot, cap)} pairs in all")
+                if len(ratios) >= pilot and enough_pairs(ratios, pilot, cap):
+                    log(f"  {len(ratios)} pairs")
                     trainer.should_stop = True
             self.resumed = time.perf_counter()
 
@@ -251,7 +249,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="use tiny_llama even when SmolLM2 is prepared")
     ap.add_argument("--shape", action="append", help="BATCHxBLOCK to measure (repeatable; default: 4x256 and 2x128)")
-    ap.add_argument("--pilot-pairs", type=int, default=16, help="timed step pairs whose spread sizes the run")
+    ap.add_argument("--pilot-pairs", type=int, default=16, help="timed step pairs before the spread may stop the run")
     ap.add_argument("--max-s", type=float, default=1500.0, help="the most seconds one shape's spear-vs-plain run may time")
     ap.add_argument("--freeze-pairs", type=int, default=12, help="timed step pairs of the freeze_top8 run")
     ap.add_argument("--warmup", type=int, default=1, help="untimed pairs first")
