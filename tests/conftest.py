@@ -27,6 +27,23 @@ def compose(tmp_path):
 
 
 @pytest.fixture(scope="session")
+def word_corpus(tmp_path_factory):
+    """word_corpus(lines, seed) -> a text file of ``lines`` random 16-word lines of finance words: enough
+    structure for a loss to fall, nothing to download."""
+    import random
+
+    words = "ledger account balance credit debit asset liability equity income expense invoice loan".split()
+
+    def _write(lines: int, seed: int) -> Path:
+        rng = random.Random(seed)
+        path = tmp_path_factory.mktemp("corpus") / "finance.txt"
+        path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(16)) for _ in range(lines)))
+        return path
+
+    return _write
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A saved random tiny Llama (HF safetensors dir + byte tokenizer); copy before mutating."""
     from spear.models.tiny import save_tiny

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -17,15 +16,10 @@ from safetensors.torch import load_file
 from spear.errors import SpearError
 from spear.paths import PROJECT_ROOT
 
-WORDS = "ledger account balance credit debit asset liability equity income expense invoice loan".split()
-
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus") / "finance.txt"
-    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(16)) for _ in range(120)))
-    return path
+def corpus(word_corpus) -> Path:
+    return word_corpus(lines=120, seed=0)
 
 
 def _cfg(compose, tmp_path, model_dir, corpus, *overrides, out="run"):

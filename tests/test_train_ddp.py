@@ -8,7 +8,6 @@ import csv
 import hashlib
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -20,16 +19,12 @@ from safetensors.torch import load_file
 from spear.paths import PROJECT_ROOT
 
 TESTS_DIR = Path(__file__).resolve().parent
-WORDS = "ledger account balance credit debit asset liability equity income expense invoice loan".split()
 FROZEN_LAYERS = (0, 2)
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    rng = random.Random(1)
-    path = tmp_path_factory.mktemp("ddp_corpus") / "finance.txt"
-    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(16)) for _ in range(160)))
-    return path
+def corpus(word_corpus) -> Path:
+    return word_corpus(lines=160, seed=1)
 
 
 def _train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
