@@ -118,7 +118,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048, help="perplexity corpus tokens (one repeat)")
     ap.add_argument("--questions", type=int, default=25, help="ARC-Easy questions for the lm-eval path (one repeat)")
     ap.add_argument("--pilot-pairs", type=int, default=16, help="pairs before the spread may stop the run")
-    ap.add_argument("--max-s", type=float, default=900.0, help="the most seconds one path's pairs may take")
+    ap.add_argument("--max-s", type=float, default=1500.0, help="the most seconds one path's pairs may take")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
