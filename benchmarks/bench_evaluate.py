@@ -97,7 +97,7 @@ def paired_repeats(name: str, tokens: int, path, baseline, *, pilot: int, max_s:
         log(f"{name} pair {r}: path {tokens / path_s[-1]:.0f} tok/s, baseline {tokens / base_s[-1]:.0f} tok/s")
         n = len(path_s)
         cap = max(pilot, int(max_s / ((time.perf_counter() - start) / n)))  # the pairs max_s allows at this pace
-        if n >= pilot and enough_pairs([b / p for p, b in zip(path_s, base_s, strict=True)], pilot, cap):
+        if enough_pairs([b / p for p, b in zip(path_s, base_s, strict=True)], pilot, cap):
             log(f"{name}: {n} pairs")
             return path_s, base_s
 

@@ -157,7 +157,7 @@ def paired_run(cfg, plain_cfg, base, *, warmup: int, pilot: int, cap: int) -> di
                 ratios = [p / s for s, p in zip(pairs["spear"][warmup:], pairs["plain"][warmup:], strict=True)]
                 if len(ratios) == pilot:
                     log(f"  pilot of {pilot} pairs: about {pairs_needed(ratios, pilot, cap)} pairs in all")
-                if len(ratios) >= pilot and enough_pairs(ratios, pilot, cap):
+                if enough_pairs(ratios, pilot, cap):
                     log(f"  {len(ratios)} pairs")
                     trainer.should_stop = True
             self.resumed = time.perf_counter()

@@ -142,8 +142,8 @@ def enough_pairs(ratios: list[float], pilot: int, cap: int) -> bool:
     1965), the first count past the pilot that :func:`pairs_needed` of all pairs so far does not exceed.
     A count fixed once from the pilot (Stein's two stages) undershoots when the pilot happens to miss
     the machine's occasional slow step; re-estimating as pairs come in does not, and since the rule
-    looks only at the spread, never at the mean, the interval keeps its 95% coverage (tests/test_roofline.py
-    simulates it)."""
+    stops on the relative spread, not on where the mean lies, the interval keeps its 95% coverage
+    (tests/test_roofline.py simulates it). Never true before ``pilot`` pairs unless ``cap`` is smaller."""
     n = len(ratios)
     return n >= cap or (n >= pilot and n >= pairs_needed(ratios, pilot, cap))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -30,8 +31,6 @@ def compose(tmp_path):
 def word_corpus(tmp_path_factory):
     """word_corpus(lines, seed) -> a text file of ``lines`` random 16-word lines of finance words: enough
     structure for a loss to fall, nothing to download."""
-    import random
-
     words = "ledger account balance credit debit asset liability equity income expense invoice loan".split()
 
     def _write(lines: int, seed: int) -> Path:
