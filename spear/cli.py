@@ -3,7 +3,9 @@
 Every entry point is ``main = hydra_entry("<stage>", "<module>:<function>")``: Hydra composes
 ``conf/<stage>.yaml`` (the schema's options are registered first), :func:`spear.config.validate`
 turns it into the stage's typed run config, and the stage function runs on it. A
-:class:`SpearError` becomes one line ``error: ...`` with exit code 2. A run dir that this process
+:class:`SpearError` becomes one line ``error: ...`` with exit code 2. Before Hydra runs, the command line is
+composed as Hydra will compose it and every callable it names is checked against the allow-list
+(:mod:`spear.config.targets`): a config file is no way to run code. A run dir that this process
 created and that holds nothing but Hydra's bookkeeping afterwards is removed; a dir that existed
 before the run (``hydra.run.dir=<existing dir>``) is never removed, and the ``.hydra/`` record a
 failing run wrote over is put back. A run dir named on the command line has one spear process at a
@@ -132,6 +134,7 @@ def hydra_entry(stage: str, target: str) -> Callable[[], None]:
 
     from spear.config import register, validate
     from spear.config.store import check_overrides
+    from spear.config.targets import check_command_line
     from spear.io.atomic import exclusive
 
     register()
@@ -153,9 +156,11 @@ def hydra_entry(stage: str, target: str) -> Callable[[], None]:
     def main() -> None:
         _set_offline_defaults()
         overrides = _user_overrides(sys.argv[1:])
-        try:  # a misspelt key or option is one line, before Hydra creates a run dir (or a sweep's first job)
+        try:  # a misspelt key or option, or a callable off the allow-list, is one line before Hydra creates
+            # a run dir or instantiates anything (a sweep's jobs included)
             for job in [overrides] if overrides is not None else _sweep_jobs(sys.argv[1:]):
                 check_overrides(stage, job)
+            check_command_line(stage, sys.argv[1:], _main)
         except SpearError as err:
             _fail(err)
         requested = None if _secondary_rank() else _requested_run_dir(sys.argv[1:])

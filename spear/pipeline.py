@@ -8,7 +8,8 @@ every policy and its two controls (:mod:`spear.merging.controls`) with the ``eva
 One config for the whole loop (:class:`spear.config.stages.PipelineRun`): each stage gets its part
 of it (:meth:`~spear.config.stages.PipelineRun.stage`). Each stage is keyed by the content hash of
 its config and inputs (:mod:`spear.io.artifacts`) and stored under ``pipeline.cache_dir``, so a
-sweep or a re-run never repeats an unchanged CPT, analysis or evaluation.
+sweep or a re-run never repeats an unchanged CPT, analysis or evaluation, and never reuses a damaged one (every
+file of an entry is verified; ``pipeline.force`` recomputes on purpose).
 """
 
 from __future__ import annotations
@@ -34,6 +35,28 @@ def stage_key(stage_cfg, *inputs: Any) -> str:
     return content_key(stage_cfg.model_dump(mode="json", exclude=KEY_EXCLUDES), *inputs)
 
 
+def forced_stages(force: list[str] | bool) -> frozenset[str]:
+    """The cached stages ``pipeline.force`` names (``true``: all of them)."""
+    from typing import get_args
+
+    from spear.config.stages import CachedStage
+
+    return frozenset(get_args(CachedStage) if force is True else force or ())
+
+
+def command_started() -> float:
+    """When this command started: a multirun's sweep start (Hydra's sweeper writes multirun.yaml first), else now.
+    ``pipeline.force`` recomputes entries written before it, so the jobs of one sweep share what it recomputed."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        marker = Path(HydraConfig.get().sweep.dir) / "multirun.yaml"
+        if marker.exists():
+            return marker.stat().st_mtime
+    return time.time()
+
+
 def check_single_process(trainer: dict[str, Any]) -> None:
     """The pipeline trains in its own process: a launcher that re-runs the command once per rank
     (Lightning's DDP) would re-run the whole pipeline, so multi-process CPT goes through spear.train."""
@@ -43,6 +66,18 @@ def check_single_process(trainer: dict[str, Any]) -> None:
         raise SpearError(f"the pipeline trains in one process but trainer.devices={devices} (trainer.num_nodes={nodes}) "
                          "asks for several; run the CPT with `python -m spear.train trainer=...` and pass its model "
                          "as pipeline.adapted=<run dir>/model, or set trainer.devices=1")
+
+
+def check_no_leak(data, proxy) -> None:
+    """The CPT corpus shares no long paragraph with any proxy corpus (evaluated or calibration text):
+    one line naming ``data.paths`` and the proxy key otherwise."""
+    from spear.data.corpora import iter_documents, resolve_corpus
+    from spear.data.overlap import check_disjoint
+    from spear.evaluation.proxy import proxy_texts
+
+    files = resolve_corpus(data.paths, data.format)
+    trained = "\n".join(iter_documents(files, text_field=data.text_field, doc_separator=data.doc_separator))
+    check_disjoint({"data.paths": trained}, proxy_texts(proxy))
 
 
 class LazyMerger:
@@ -91,8 +126,10 @@ class PipelineState:
         check_suite(cfg.eval, cfg.proxy)
         if not cfg.pipeline.adapted or cfg.pipeline.freeze_compare.enabled:  # the pipeline runs a CPT
             check_single_process(cfg.trainer)
+            check_no_leak(cfg.data, cfg.proxy)
         self.device = resolve_device(cfg.device)
-        self.cache = StageCache(Path(cfg.pipeline.cache_dir).expanduser().resolve())  # results hold its paths: absolute
+        self.cache = StageCache(Path(cfg.pipeline.cache_dir).expanduser().resolve(),  # results hold its paths: absolute
+                                force=forced_stages(cfg.pipeline.force), since=command_started())
         self.base_dir = resolve_model_dir(cfg.model.ref, allow_pickle=cfg.model.allow_pickle,
                                           allow_network=cfg.model.allow_network).resolve()
         self.base_fp = fingerprint_path(self.base_dir)
@@ -125,13 +162,14 @@ class PipelineState:
         if freeze is not None:
             values["freeze"] = freeze
         key = stage_key(self.cfg.stage(TrainRun, "", **values), self.base_fp)
-        with self.cache.claim("train", key):
-            hit = self.cache.lookup("train", key)
-            if hit is None:
+        with self.cache.claim("train", key) as cached:
+            if cached.result is None:
                 start = time.perf_counter()
-                summary = run_train(self.cfg.stage(TrainRun, str(self.cache.dir_for("train", key) / "run"), **values))
-                hit = self.cache.complete("train", key, {"key": key, "model_dir": summary["model_dir"],
-                                                         "seconds": time.perf_counter() - start, "summary": summary})
+                summary = run_train(self.cfg.stage(TrainRun, str(cached.dir / "run"), **values))
+                cached.complete({"key": key, "model_dir": summary["model_dir"], "seconds": time.perf_counter() - start,
+                                "summary": summary})
+        # later stages key on the trained weights themselves: a recomputed CPT that differs is analysed again
+        hit = {**cached.result, "key": cached.digest(Path(cached.result["model_dir"]))}
         self.account(f"train {label}seed {seed}", hit["seconds"], self.cache.events[-1]["hit"])
         return hit
 
@@ -142,7 +180,7 @@ class PipelineState:
         if self.cfg.pipeline.adapted:
             adapted_dir = resolve_model_dir(self.cfg.pipeline.adapted, allow_pickle=self.cfg.model.allow_pickle).resolve()
             self.account(f"train seed {seed} (given)", 0.0, True)
-            return {"key": fingerprint_path(adapted_dir), "model_dir": str(adapted_dir), "seconds": 0.0}
+            return {"key": [str(adapted_dir), fingerprint_path(adapted_dir)], "model_dir": str(adapted_dir), "seconds": 0.0}
         adapted = self.train(seed, "")
         self.train_seconds.append(adapted["seconds"])
         return adapted
@@ -155,15 +193,15 @@ class PipelineState:
         values = {"base": str(self.base_dir), "adapted": adapted["model_dir"], "task_name": "analyze"}
         if impact is not None:
             values["impact"] = impact.model_dump()
-        key = stage_key(self.cfg.stage(AnalyzeRun, "", **values), adapted["key"], self.base_fp)
-        with self.cache.claim("analyze", key):
-            hit = self.cache.lookup("analyze", key)
-            if hit is None:
-                out = self.cache.dir_for("analyze", key) / "run"
+        # the adapted model is keyed by adapted["key"] (a CPT's weights), not by the cache entry that holds it
+        key = stage_key(self.cfg.stage(AnalyzeRun, "", **{**values, "adapted": "adapted"}), adapted["key"], self.base_fp)
+        with self.cache.claim("analyze", key) as cached:
+            if cached.result is None:
+                out = cached.dir / "run"
                 start = time.perf_counter()
                 run_analyze(self.cfg.stage(AnalyzeRun, str(out), **values))
-                hit = self.cache.complete("analyze", key, {"key": key, "ranking": str(out / "ranking.json"),
-                                                           "seconds": time.perf_counter() - start})
+                cached.complete({"key": key, "ranking": str(out / "ranking.json"), "seconds": time.perf_counter() - start})
+        hit = cached.result
         self.account(f"analyze {impact.name + ' ' if impact is not None else ''}seed {seed}", hit["seconds"],
                      self.cache.events[-1]["hit"])
         return hit
@@ -175,15 +213,14 @@ class PipelineState:
         policy, merge = entry.policy, entry.merge or self.cfg.merge
         key = stage_key(policy.replace(label=None), adapted["key"], self.base_fp, merge.model_dump(mode="json"),
                         self.cfg.proxy.model_dump(mode="json"), self.cfg.model.dtype)
-        with self.cache.claim("fit", key):
-            hit = self.cache.lookup("fit", key)
-            if hit is None:
+        with self.cache.claim("fit", key) as cached:
+            if cached.result is None:
                 model, tokenizer, _ = session.produce()
                 start = time.perf_counter()
                 tmap, record = fit_tmap(model, tokenizer, self.base_dir, policy, self.cfg.proxy, merge,
                                         progress=self.cfg.progress)
-                hit = self.cache.complete("fit", key, {"key": key, "tmap": tmap.to_json(), "record": record,
-                                                       "seconds": time.perf_counter() - start})
+                cached.complete({"key": key, "tmap": tmap.to_json(), "record": record, "seconds": time.perf_counter() - start})
+        hit = cached.result
         self.account(f"fit {label} seed {seed}", hit["seconds"], self.cache.events[-1]["hit"])
         return hit
 
@@ -197,16 +234,15 @@ class PipelineState:
         files = [fingerprint_path(Path(c.path).expanduser()) for c in cfg.eval.own_benchmarks()]  # an edited benchmark is re-run
         key = content_key(cfg.eval.model_dump(mode="json"), cfg.proxy.model_dump(mode="json"), *key_parts,
                           *([files] if files else []))
-        with self.cache.claim("evaluate", key):
-            record = self.cache.lookup("evaluate", key)
-            reused = record is not None
-            if record is None:
+        with self.cache.claim("evaluate", key) as cached:
+            reused = cached.result is not None
+            if cached.result is None:
                 model, tokenizer, prep_seconds = produce()
                 start = time.perf_counter()
                 results = evaluate_model(model, tokenizer, cfg.eval, cfg.proxy, name, progress=cfg.progress)
-                record = self.cache.complete("evaluate", key, {"results": results,
-                                                               "eval_seconds": time.perf_counter() - start,
-                                                               "prep_seconds": prep_seconds})
+                cached.complete({"results": results, "eval_seconds": time.perf_counter() - start,
+                                "prep_seconds": prep_seconds})
+        record = cached.result
         seconds = record["eval_seconds"] + (record["prep_seconds"] if with_prep else 0.0)
         self.account(stage, seconds, reused)
         return {**record, "seconds": seconds}

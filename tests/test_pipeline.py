@@ -237,6 +237,7 @@ def test_the_stage_cache_records_absolute_paths(tmp_path, monkeypatch):
     from spear.pipeline import PipelineState
 
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.txt").write_text("a training corpus of a few words, enough to be read and checked for overlap\n")
     state = PipelineState(compose("pipeline", [*TINY, "data.paths=[x.txt]", "pipeline.cache_dir=rel/cache",
                                                f"paths.output_dir={tmp_path / 'run'}", "logger=none"]))
     assert state.cache.root == tmp_path / "rel" / "cache"

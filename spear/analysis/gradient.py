@@ -8,8 +8,8 @@ recovery ``-g_u(general)`` minus ``impact.domain_weight`` times its domain cost 
 first-order estimate of ``impact=posterior``'s score, at the cost of two backward passes instead of
 ``2 + num_layers`` evaluations.
 
-Calibration never overlaps evaluation: each corpus' calibration slice is the ``impact.calibration_tokens``
-tokens that follow the ``proxy`` slice every evaluation reads (``proxy.<role>.max_tokens``).
+Calibration never overlaps evaluation: each corpus' calibration part is the ``impact.calibration_tokens``
+scored tokens that follow what every evaluation reads (:func:`spear.evaluation.proxy.calibration_text`).
 """
 
 from __future__ import annotations
@@ -24,16 +24,19 @@ from spear.models.layer_map import GROUPS
 log = logging.getLogger(__name__)
 
 
-def _backward_mean_nll(model, ids, max_length: int) -> None:
-    """Backpropagate the mean next-token NLL of ``ids``, window by window (memory: one window's activations)."""
+def _backward_mean_nll(model, text, max_length: int) -> None:
+    """Backpropagate the weighted mean next-token NLL of a scored text, window by window (memory: one
+    window's activations)."""
     import torch
 
-    windows = [ids[i:i + max_length] for i in range(0, ids.numel() - 1, max_length)]
-    windows = [w for w in windows if w.numel() >= 2]
-    total = sum(w.numel() - 1 for w in windows)
-    for w in windows:
-        logits = model(input_ids=w[None], use_cache=False).logits[0, :-1].float()
-        (torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum") / total).backward()
+    device = next(model.parameters()).device
+    starts = [i for i in range(0, text.ids.numel() - 1, max_length) if text.ids[i:i + max_length].numel() >= 2]
+    total = sum(float(text.weights[i + 1:i + max_length].sum()) for i in starts)
+    for i in starts:
+        ids, weights = text.ids[i:i + max_length].to(device), text.weights[i + 1:i + max_length].to(device)
+        logits = model(input_ids=ids[None], use_cache=False).logits[0, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits, ids[1:], reduction="none")
+        ((nll * weights).sum() / total).backward()
 
 
 def unit_directional_derivatives(model, base_dir: Path, batches: dict[str, Any], max_length: int, layer_map) -> dict:
@@ -48,9 +51,9 @@ def unit_directional_derivatives(model, base_dir: Path, batches: dict[str, Any],
     params = dict(model.named_parameters())
     owners = {name: (layer_map.layer_of(name), group_of(name)) for name in params}
     out = {}
-    for role, ids in batches.items():
+    for role, text in batches.items():
         model.zero_grad(set_to_none=True)
-        _backward_mean_nll(model, ids.to(next(model.parameters()).device), max_length)
+        _backward_mean_nll(model, text, max_length)
         per_layer = [0.0] * layer_map.num_layers
         per_group = {g: [0.0] * layer_map.num_layers for g in GROUPS}
         with torch.no_grad():
@@ -70,14 +73,14 @@ def unit_directional_derivatives(model, base_dir: Path, batches: dict[str, Any],
 
 def measure_grad_delta(cfg, base_dir: Path, adapted_dir: Path, layer_map) -> dict[str, Any]:
     """Score every layer (and group) by its first-order restoration effect; see the module docstring."""
-    from spear.evaluation.proxy import calibration_ids
+    from spear.evaluation.proxy import calibration_text
     from spear.models import load_model
     from spear.runtime import resolve_device
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(str(adapted_dir), **cfg.model.load_options())
     model.to(resolve_device(cfg.device)).eval()  # eval: no dropout; gradients still flow
-    batches = {role: calibration_ids(tokenizer, cfg.proxy, role, cfg.impact.calibration_tokens, "impact.calibration_tokens")
+    batches = {role: calibration_text(tokenizer, cfg.proxy, role, cfg.impact.calibration_tokens, "impact.calibration_tokens")
                for role in ("general", "domain")}
     g = unit_directional_derivatives(model, base_dir, batches, cfg.proxy.max_length, layer_map)
     weight = cfg.impact.domain_weight
@@ -90,7 +93,7 @@ def measure_grad_delta(cfg, base_dir: Path, adapted_dir: Path, layer_map) -> dic
                "score": score(g["general"]["layer"][i], g["domain"]["layer"][i])} for i in range(n)]
     groups = {grp: [score(g["general"]["groups"][grp][i], g["domain"]["groups"][grp][i]) for i in range(n)] for grp in GROUPS}
     log.info("grad_delta: 2 backward passes on %s calibration tokens in %.1fs",
-             {k: int(v.numel()) for k, v in batches.items()}, time.perf_counter() - t0)
+             {k: v.tokens for k, v in batches.items()}, time.perf_counter() - t0)
     return {"score": [lay["score"] for lay in layers], "groups": groups, "layers": layers,
-            "calibration": {role: {"source": getattr(cfg.proxy, role).source, "first_token": getattr(cfg.proxy, role).max_tokens,
-                                   "tokens": int(ids.numel())} for role, ids in batches.items()}}
+            "calibration": {role: {"source": getattr(cfg.proxy, role).source, "part": "calibration",
+                                   "tokens": text.tokens} for role, text in batches.items()}}

@@ -1,8 +1,9 @@
 """Posterior (measured) impact, SPEC §1.4: restore one layer at a time and measure.
 
 The adapted model is loaded once; :class:`spear.merging.inmemory.InMemoryMerger` restores a
-single layer (``t=1``, with the ``merge`` kernel) in place, the ``proxy`` (mean NLL on general text
-and on held-out domain text) is measured, and the layer is put back. A layer's score is its
+single layer (``t=1``, with the ``merge`` kernel) in place, the ``proxy`` is measured on the
+calibration parts of its general and domain corpora (``impact.calibration_tokens`` each, never
+evaluated text), and the layer is put back. A layer's score is its
 general recovery ``nll_general(adapted) - nll_general(restored)`` minus ``impact.domain_weight`` times its domain cost ``nll_domain(restored) - nll_domain(adapted)``.
 Costs ``2 + num_layers`` evaluations of each corpus (``x3`` layers with ``impact.groups``).
 It is the yardstick of the cheap proxies: ranking.json gets ``proxy_vs_posterior``, the
@@ -41,7 +42,8 @@ def measure_posterior(cfg, base_dir: Path, adapted_dir: Path, layer_map) -> dict
 
     model, tokenizer = load_model(str(adapted_dir), **cfg.model.load_options())
     model.to(resolve_device(cfg.device))
-    proxy = ProxyEvaluator(tokenizer, cfg.proxy)
+    proxy = ProxyEvaluator(tokenizer, cfg.proxy, part="calibration", calibration_tokens=cfg.impact.calibration_tokens,
+                           knob="impact.calibration_tokens")
     merger = InMemoryMerger(model, base_dir, cfg.merge)
     num_layers = layer_map.num_layers
     t0 = time.perf_counter()
@@ -88,7 +90,7 @@ def measure_posterior(cfg, base_dir: Path, adapted_dir: Path, layer_map) -> dict
         "layers": layers,
         "reference": {"adapted": ref, "base": results[("base", None)]},
         "corpora": {"general": cfg.proxy.general.source, "domain": cfg.proxy.domain.source,
-                    "tokens": {k: int(v.numel()) for k, v in proxy.ids.items()}},
+                    "part": "calibration", "tokens": proxy.tokens()},
         "evaluations": 2 * len(units),
     }
 

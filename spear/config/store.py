@@ -15,6 +15,7 @@ from typing import Any
 
 from spear.config.schema import GROUP_OPTIONS, MISSING
 from spear.config.stages import STAGE_OPTIONS, STAGE_RUNS
+from spear.config.targets import check_targets
 from spear.errors import SpearError
 
 # How to set a required key, where "set KEY=<value>" is not enough of a hint.
@@ -91,6 +92,7 @@ def validate(cfg, stage: str):
         data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     except OmegaConfBaseException as err:
         raise SpearError(f"the config does not resolve: {str(err).splitlines()[0]}; fix the interpolation it names") from None
+    check_targets(data)  # no code from a config (spear.config.targets), whichever way it was composed
     data.pop("hydra", None)
     missing = _missing_keys(data)
     if missing:

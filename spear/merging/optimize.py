@@ -7,9 +7,10 @@ embeddings/final norm/lm_head as one unit with ``fit_non_layer``) gets ``t = sig
 
     general NLL + ``domain_weight`` x domain NLL
 
-of the model merged at those ``t``, on windows sampled from the calibration slices of the two
-proxy corpora: the ``calibration_tokens`` right after the slice every evaluation reads, so the fit
-never sees evaluation text. The merged weights are a differentiable function of ``t`` with the
+of the model merged at those ``t``, on windows sampled from the calibration parts of the two
+proxy corpora (:func:`spear.evaluation.proxy.calibration_text`: the ``calibration_tokens`` after what
+every evaluation reads; for chat records, only answer tokens count), so the fit never sees
+evaluation text. The merged weights are a differentiable function of ``t`` with the
 ``merge`` kernel's own coefficients (``linear``/``task_arithmetic``: ``W = Wa + t (Wb - Wa)``;
 ``slerp``: the per-tensor angle is fixed, the ``sin`` weights are differentiated), and each tensor's
 ``t`` is the same linear function of the unit ``t`` that :class:`~spear.merging.plan.MergePlan`
@@ -127,37 +128,46 @@ class MergedParameters:
 
 
 def _mean_nlls(model, params, batches: dict[str, list[Any]], max_batch: int = 8) -> dict[str, Any]:
-    """Mean NLL per role of ``batches`` (``{role: [windows]}``) under ``params``; windows of one length
-    share a forward pass (batching the two corpora saves ~15% of a step on CPU)."""
+    """Weighted mean NLL per role of ``batches`` (``{role: [(ids, weights) windows]}``) under ``params``;
+    windows of one length share a forward pass (batching the two corpora saves ~15% of a step on CPU)."""
     import torch
     from torch.func import functional_call
 
     totals = {role: 0.0 for role in batches}
-    counts = dict.fromkeys(batches, 0)
-    items = [(role, ids) for role, windows in batches.items() for ids in windows]
-    for length in sorted({ids.numel() for _, ids in items}):
-        same = [(role, ids) for role, ids in items if ids.numel() == length]
+    counts = {role: 0.0 for role in batches}
+    items = [(role, window) for role, windows in batches.items() for window in windows]
+    for length in sorted({ids.numel() for _, (ids, _) in items}):
+        same = [(role, window) for role, window in items if window[0].numel() == length]
         for i in range(0, len(same), max_batch):
             chunk = same[i:i + max_batch]
-            ids = torch.stack([w for _, w in chunk])
+            ids = torch.stack([w[0] for _, w in chunk])
+            weights = torch.stack([w[1][1:] for _, w in chunk])
             logits = functional_call(model, params, args=(), kwargs={"input_ids": ids, "use_cache": False}).logits
             nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(),
-                                                    reduction="none").view(len(chunk), -1).sum(1)
-            for (role, _), value in zip(chunk, nll, strict=True):
+                                                    reduction="none").view(len(chunk), -1)
+            for (role, _), value, weight in zip(chunk, (nll * weights).sum(1), weights.sum(1), strict=True):
                 totals[role] = totals[role] + value
-                counts[role] += length - 1
+                counts[role] += float(weight)
     return {role: totals[role] / counts[role] for role in batches}
 
 
-def _windows(ids, size: int) -> list[Any]:
-    return [ids[i:i + size] for i in range(0, ids.numel() - size + 1, size)] or [ids]
+def _windows(text, size: int) -> list[Any]:
+    """Consecutive ``(ids, weights)`` windows of a scored text (the whole text when shorter)."""
+    n = text.ids.numel()
+    return [(text.ids[i:i + size], text.weights[i:i + size]) for i in range(0, n - size + 1, size)] or [(text.ids, text.weights)]
+
+
+def _head(text, tokens: int):
+    from spear.evaluation.scored import ScoredText
+
+    return ScoredText(text.ids[:tokens], text.weights[:tokens])
 
 
 def fit_tmap(model, tokenizer, base_dir: Path, policy, proxy, merge, *, progress: bool = False) -> tuple[TMap, dict[str, Any]]:
     """(fitted TMap, fit record) for the loaded adapted ``model``; the model is left unchanged."""
     import torch
 
-    from spear.evaluation.proxy import calibration_ids
+    from spear.evaluation.proxy import calibration_text
     from spear.models.layer_map import layer_map_for
 
     check_fit_kernel(merge)
@@ -168,18 +178,19 @@ def fit_tmap(model, tokenizer, base_dir: Path, policy, proxy, merge, *, progress
     names = [name for name, _ in model.named_parameters()]
     weights = tensor_weights(units, policy, n, layer_map, names, merge)
     device = next(model.parameters()).device
-    pools = {role: calibration_ids(tokenizer, proxy, role, policy.calibration_tokens, "policy.calibration_tokens").to(device)
+    pools = {role: calibration_text(tokenizer, proxy, role, policy.calibration_tokens, "policy.calibration_tokens")
              for role in ("general", "domain")}
-    # evaluations read tokens [0, max_tokens) of each corpus; the fit reads the ones after them
-    calibration = {role: {"source": getattr(proxy, role).source, "evaluated_tokens": getattr(proxy, role).max_tokens,
-                          "first_token": getattr(proxy, role).max_tokens, "tokens": int(ids.numel())}
-                   for role, ids in pools.items()}
-    window = min(policy.window, *(int(ids.numel()) for ids in pools.values()))
+    pools = {role: type(text)(text.ids.to(device), text.weights.to(device)) for role, text in pools.items()}
+    # evaluations read the first max_tokens of each corpus; the fit reads what follows them
+    calibration = {role: {"source": getattr(proxy, role).source, "part": "calibration",
+                          "evaluated_tokens": getattr(proxy, role).max_tokens, "tokens": text.tokens}
+                   for role, text in pools.items()}
+    window = min(policy.window, *(int(text.ids.numel()) for text in pools.values()))
     gen = torch.Generator().manual_seed(policy.seed)
 
-    def sample(ids) -> list[Any]:
-        starts = torch.randint(0, ids.numel() - window + 1, (policy.windows_per_step,), generator=gen).tolist()
-        return [ids[s:s + window] for s in starts]
+    def sample(text) -> list[Any]:
+        starts = torch.randint(0, text.ids.numel() - window + 1, (policy.windows_per_step,), generator=gen).tolist()
+        return [(text.ids[s:s + window], text.weights[s:s + window]) for s in starts]
 
     was_training = model.training
     requires = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -196,7 +207,7 @@ def fit_tmap(model, tokenizer, base_dir: Path, policy, proxy, merge, *, progress
             general, domain = nll["general"], nll["domain"]
             return general + policy.domain_weight * domain, general, domain
 
-        reported = {role: _windows(ids[:policy.report_tokens], window) for role, ids in pools.items()}
+        reported = {role: _windows(_head(text, policy.report_tokens), window) for role, text in pools.items()}
 
         def reported_objective(t) -> dict[str, float] | None:
             if not policy.report_tokens:
@@ -209,7 +220,7 @@ def fit_tmap(model, tokenizer, base_dir: Path, policy, proxy, merge, *, progress
         history = []
         for step in range(policy.steps):
             optimizer.zero_grad(set_to_none=True)
-            total, general, domain = objective(torch.sigmoid(z), {role: sample(ids) for role, ids in pools.items()})
+            total, general, domain = objective(torch.sigmoid(z), {role: sample(text) for role, text in pools.items()})
             total.backward()
             optimizer.step()
             total, general, domain = (float(v.detach()) for v in (total, general, domain))
@@ -238,7 +249,7 @@ def fit_tmap(model, tokenizer, base_dir: Path, policy, proxy, merge, *, progress
     }
     if before is not None:
         log.info("optimized: calibration objective %.4f -> %.4f on %d tokens per corpus", before["objective"],
-                 after["objective"], min(policy.report_tokens, *(int(ids.numel()) for ids in pools.values())))
+                 after["objective"], min(policy.report_tokens, *(int(text.ids.numel()) for text in pools.values())))
     log.info("optimized: %d steps of %d tokens in %.1fs; mean t %.3f", policy.steps, record["tokens_per_step"],
              record["seconds"], tmap.mean_t(n))
     return tmap, record

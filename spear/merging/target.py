@@ -3,7 +3,8 @@
 The shape of the t map is the ``balanced`` policy's (``fraction``, ``t_max``, ``normalise``); a
 single ``scale`` in ``[0, max_scale]`` multiplies it (t clipped to 1). Each candidate is merged
 in memory (:class:`~spear.merging.inmemory.InMemoryMerger`, no disk) and scored by the mean NLL
-of the loaded model on the general ``proxy`` corpus (:class:`spear.evaluation.proxy.ProxyEvaluator`).
+of the loaded model on the calibration part of the general ``proxy`` corpus (``calibration_tokens``,
+never evaluated text; :class:`spear.evaluation.proxy.ProxyEvaluator`).
 Bisection finds the smallest scale whose proxy reaches ``target`` (restore no more than needed,
 so as to keep as much of the domain gain as possible). ``metric``:
 
@@ -34,7 +35,8 @@ def search_target(full: TMap, model, tokenizer, base_dir: Path, policy, proxy, m
     from spear.evaluation.proxy import ProxyEvaluator
     from spear.merging.inmemory import InMemoryMerger
 
-    evaluator = ProxyEvaluator(tokenizer, proxy, roles=("general",))
+    evaluator = ProxyEvaluator(tokenizer, proxy, roles=("general",), part="calibration",
+                               calibration_tokens=policy.calibration_tokens, knob="policy.calibration_tokens")
     merger = InMemoryMerger(model, base_dir, merge)
     cache: dict[float, float] = {}
 
@@ -76,7 +78,7 @@ def search_target(full: TMap, model, tokenizer, base_dir: Path, policy, proxy, m
         "reached": found["reached"],
         "nll_base": nll_base,
         "nll_adapted": nll_adapted,
-        "tokens": int(evaluator.ids["general"].numel()),
+        "tokens": evaluator.tokens()["general"],
         "history": [{**h, "nll": cache.get(h["scale"])} for h in found["history"]],
     }
     return full.scaled(found["scale"]), record

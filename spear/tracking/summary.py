@@ -32,7 +32,8 @@ def model_entry(name: str, kind: str, results: dict[str, Any], retention: dict[s
 
     ``metrics`` holds ``<task>/<primary metric>`` (with ``<task>/<metric>_stderr``: lm-eval's, else
     binomial from ``n_samples`` for accuracies, so single-seed tables still show their noise),
-    ``ppl/<corpus>``, ``nll/<corpus>``, ``mean_t`` (from ``extra``) and, given ``retention``,
+    ``ppl/<corpus>``, ``nll/<corpus>`` (with ``nll/<corpus>_stderr`` for chat records: the standard error over
+    records), ``mean_t`` (from ``extra``) and, given ``retention``,
     ``general_retention`` and ``domain_gain_preservation``. ``extra`` is stored on the row too.
     """
     metrics: dict[str, Any] = {}
@@ -47,6 +48,9 @@ def model_entry(name: str, kind: str, results: dict[str, Any], retention: dict[s
     for corpus, ppl in results.get("perplexity", {}).items():
         metrics[f"ppl/{corpus}"] = ppl
         metrics[f"nll/{corpus}"] = results.get("nll", {}).get(corpus)
+        se = results.get("nll_stderr", {}).get(corpus)
+        if se is not None:
+            metrics[f"nll/{corpus}_stderr"] = se
     metrics["mean_t"] = extra.get("mean_t")
     if retention is not None:
         metrics["general_retention"] = retention.get("general_retention")

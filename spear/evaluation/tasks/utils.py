@@ -13,13 +13,9 @@ path for the process (a sweep builds the same tasks many times).
 from __future__ import annotations
 
 import functools
-import gzip
-import json
 import re
 from pathlib import Path
 from typing import Any
-
-GSM8K_REQUESTS = "oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"
 
 
 def eval_root() -> Path:
@@ -114,36 +110,19 @@ def load_gsm8k(**_: Any) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=4)
 def _gsm8k_test(root: str):
-    """The 1319 GSM8K test problems with OLMo's 8-shot chain-of-thought prompt.
+    """The GSM8K test problems with OLMo's 8-shot chain-of-thought prompt, without the calibration ones.
 
     Each line of OLMo's request file holds the doc (question, answer, short_answer) and the
     prompt it was evaluated with: ``context`` (8 worked examples, then ``Question: ...\\nAnswer:``)
-    and ``continuation`` (the gold chain of thought, ending in ``So the answer is N.``).
+    and ``continuation`` (the gold chain of thought, ending in ``So the answer is N.``). Problems
+    that calibrate the fitted policy and the impact proxies (:mod:`spear.embedded.general_chat`) are
+    never evaluated: 1000 of the 1319 remain.
     """
     from datasets import Dataset
 
-    from spear.errors import SpearError
+    from spear.embedded.general_chat import gsm8k_rows, is_calibration
 
-    path = Path(root) / GSM8K_REQUESTS
-    if not path.is_file():
-        raise SpearError(f"evaluation data {path} is missing: run `python -m spear.assets` to prepare the cache")
-    rows = []
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            item = json.loads(line)
-            doc, req = item["doc"], item["request"]
-            rows.append(
-                {
-                    "id": int(doc["id"]),
-                    "question": doc["question"],
-                    "answer": doc["answer"],
-                    "short_answer": str(doc["short_answer"]),
-                    "context": req["context"],
-                    "continuation": req["continuation"],
-                }
-            )
-    rows.sort(key=lambda r: r["id"])
-    return Dataset.from_list(rows)
+    return Dataset.from_list([r for r in gsm8k_rows(Path(root)) if not is_calibration(r["id"])])
 
 
 def gsm8k_bpb_results(doc: dict, results: list) -> dict[str, Any]:
