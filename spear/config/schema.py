@@ -82,19 +82,19 @@ class DataConfig(Node):
 
 
 class OptimConfig(Node):
-    lr: float = knob(5.0e-4, "peak AdamW learning rate (CPU default, measured: README 'CPU defaults')", gt=0.0)
+    lr: float = knob(1.5e-4, "peak AdamW learning rate (the CPU news recipe: experiments/recipe_search)", gt=0.0)
     weight_decay: float = knob(0.01, "AdamW weight decay on matrices (none on biases and norms)", ge=0.0)
     betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = knob(
         (0.9, 0.95), "AdamW betas"
     )
     eps: float = knob(1.0e-8, "AdamW epsilon", gt=0.0)
-    warmup_steps: int = knob(10, "linear warmup steps, then cosine decay", ge=0)
-    min_lr_ratio: Fraction = knob(0.1, "final LR = min_lr_ratio * lr at the last step")
+    warmup_steps: int = knob(3, "linear warmup steps, then cosine decay", ge=0)
+    min_lr_ratio: Fraction = knob(0.0, "final LR = min_lr_ratio * lr at the last step (0: decay to zero)")
 
 
 class CheckpointConfig(Node):
     enabled: bool = knob(True, "Lightning checkpoints under <run dir>/checkpoints (callbacks.model_checkpoint)")
-    every_n_steps: int = knob(45, "save every N optimizer steps", ge=1)
+    every_n_steps: int = knob(21, "save every N optimizer steps", ge=1)
     keep: int = knob(1, "newest N step checkpoints kept (-1: all)", ge=-1)
     save_last: Literal["link", True, False] = knob("link", "last.ckpt: link (symlink to the newest), true (copy), false")
 
