@@ -157,6 +157,20 @@ def _windows(text, size: int) -> list[Any]:
     return [(text.ids[i:i + size], text.weights[i:i + size]) for i in range(0, n - size + 1, size)] or [(text.ids, text.weights)]
 
 
+def _scored_starts(weights, window: int):
+    """Start positions of the windows of ``window`` tokens whose targets (all but the first) carry weight."""
+    import torch
+
+    cumulative = torch.cat([torch.zeros(1, device=weights.device), weights.cpu().cumsum(0).to(weights.device)])
+    starts = torch.arange(0, weights.numel() - window + 1, device=weights.device)
+    mass = cumulative[starts + window] - cumulative[starts + 1]
+    valid = starts[mass > 0]
+    if valid.numel() == 0:
+        raise SpearError(f"no calibration window of {window} tokens holds a scored token; raise policy.window or "
+                         "policy.calibration_tokens")
+    return valid.cpu()
+
+
 def _head(text, tokens: int):
     from spear.evaluation.scored import ScoredText
 
@@ -188,9 +202,13 @@ def fit_tmap(model, tokenizer, base_dir: Path, policy, proxy, merge, *, progress
     window = min(policy.window, *(int(text.ids.numel()) for text in pools.values()))
     gen = torch.Generator().manual_seed(policy.seed)
 
-    def sample(text) -> list[Any]:
-        starts = torch.randint(0, text.ids.numel() - window + 1, (policy.windows_per_step,), generator=gen).tolist()
-        return [(text.ids[s:s + window], text.weights[s:s + window]) for s in starts]
+    # a window must score something: chat text weights only answer tokens (target i is scored by weights[i])
+    scored = {role: _scored_starts(text.weights, window) for role, text in pools.items()}
+
+    def sample(role: str) -> list[Any]:
+        text, starts = pools[role], scored[role]
+        picks = torch.randint(0, starts.numel(), (policy.windows_per_step,), generator=gen).tolist()
+        return [(text.ids[s:s + window], text.weights[s:s + window]) for s in starts[picks].tolist()]
 
     was_training = model.training
     requires = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -220,7 +238,7 @@ def fit_tmap(model, tokenizer, base_dir: Path, policy, proxy, merge, *, progress
         history = []
         for step in range(policy.steps):
             optimizer.zero_grad(set_to_none=True)
-            total, general, domain = objective(torch.sigmoid(z), {role: sample(text) for role, text in pools.items()})
+            total, general, domain = objective(torch.sigmoid(z), {role: sample(role) for role in pools})
             total.backward()
             optimizer.step()
             total, general, domain = (float(v.detach()) for v in (total, general, domain))
