@@ -110,7 +110,7 @@ def test_embedded_asset_entry(tmp_path, tok, monkeypatch):
     monkeypatch.setenv("SPEAR_HOME", str(tmp_path / "home"))
     with pytest.raises(SpearError, match="not prepared"):
         tokenize_and_pack(["asset:finance_train"], tok, 8)
-    _write(tmp_path / "home" / "corpora" / "finance" / "train.txt", "debit and credit " * 20)
+    _write(tmp_path / "home" / "corpora" / "finance_news" / "train.txt", "debit and credit " * 20)
     assert tokenize_and_pack(["asset:finance_train"], tok, 8).num_documents == 1
 
 

