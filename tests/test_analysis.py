@@ -366,6 +366,7 @@ def test_grad_delta_is_the_first_order_change_of_the_loss(trained_pair):
     from transformers import AutoModelForCausalLM
 
     from spear.analysis.gradient import unit_directional_derivatives
+    from spear.evaluation.scored import ScoredText
     from spear.io.reader import Checkpoint
     from spear.models import layer_map_for
     from spear.models.tiny import byte_tokenizer
@@ -374,7 +375,7 @@ def test_grad_delta_is_the_first_order_change_of_the_loss(trained_pair):
     model = AutoModelForCausalLM.from_pretrained(str(adapted), dtype=torch.float32).eval()
     lmap = layer_map_for(model.config)
     ids = torch.tensor(byte_tokenizer()(general.read_text()[:600], add_special_tokens=False)["input_ids"])
-    g = unit_directional_derivatives(model, base, {"general": ids}, 128, lmap)["general"]
+    g = unit_directional_derivatives(model, base, {"general": ScoredText.of_text(ids)}, 128, lmap)["general"]
     base_ckpt = Checkpoint(base)
 
     def loss() -> float:
@@ -416,6 +417,6 @@ def test_grad_delta_ranks_the_broken_layers_first_on_slices_after_the_evaluated_
     assert ranking["impact"]["name"] == "grad_delta"
     assert set(ranking["order"][:2]) == set(HURT), ranking["order"]
     calibration = ranking["grad_delta"]["calibration"]
-    assert calibration["general"]["first_token"] == 256 and calibration["general"]["tokens"] == 512
+    assert calibration["general"]["part"] == "calibration" and calibration["general"]["tokens"] == 511  # scored
     assert all(layer["grad_delta"]["general_recovery"] > 0 for layer in ranking["layers"] if layer["layer"] in HURT)
     assert "rel_change" in ranking["proxy_vs_grad_delta"]

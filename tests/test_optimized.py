@@ -91,7 +91,7 @@ def _load(path):
 
 def _calibration_objective(model, tokenizer, root, tmap, merge, domain_weight: float) -> float:
     """The fit's objective on its whole calibration slices, for the model merged at ``tmap`` by the merger."""
-    from spear.evaluation.proxy import calibration_ids
+    from spear.evaluation.proxy import calibration_text
     from spear.merging.inmemory import InMemoryMerger
 
     proxy = _proxy(root)
@@ -100,7 +100,7 @@ def _calibration_objective(model, tokenizer, root, tmap, merge, domain_weight: f
     losses = {}
     with torch.no_grad():
         for role in ("general", "domain"):
-            ids = calibration_ids(tokenizer, proxy, role, 1024, "policy.calibration_tokens")
+            ids = calibration_text(tokenizer, proxy, role, 1024, "policy.calibration_tokens").ids
             windows = [ids[i:i + WINDOW] for i in range(0, ids.numel() - WINDOW + 1, WINDOW)]
             nll = [torch.nn.functional.cross_entropy(model(input_ids=w[None]).logits[0, :-1], w[1:], reduction="sum")
                    for w in windows]
@@ -144,16 +144,17 @@ def test_calibration_text_follows_the_evaluated_slice(cpt_pair):
     _, record = fit_tmap(model, tok, cpt_pair / "base", _policy(steps=2), _proxy(cpt_pair), SlerpMerge())
     for role in ("general", "domain"):
         calibration = record["calibration"][role]
-        assert calibration["first_token"] >= calibration["evaluated_tokens"] == 256 and calibration["tokens"] == 1024
+        assert calibration["part"] == "calibration" and calibration["evaluated_tokens"] == 256
+        assert calibration["tokens"] == 1023  # scored: every calibration token but the first
     # token positions: evaluation reads [0, 256) of each corpus, the fit [256, 1280) of the same tokenisation
     from spear.evaluation.perplexity import tokenize_corpus
-    from spear.evaluation.proxy import ProxyEvaluator, calibration_ids, read_corpus
+    from spear.evaluation.proxy import ProxyEvaluator, calibration_text, read_corpus
 
     proxy = _proxy(cpt_pair)
-    evaluated = ProxyEvaluator(tok, proxy).ids
+    evaluated = {role: text.ids for role, text in ProxyEvaluator(tok, proxy).texts.items()}
     for role in ("general", "domain"):
         whole = tokenize_corpus(tok, read_corpus(getattr(proxy, role).source, role), 256 + 1024)
-        calib = calibration_ids(tok, proxy, role, 1024, "policy.calibration_tokens")
+        calib = calibration_text(tok, proxy, role, 1024, "policy.calibration_tokens").ids
         assert torch.equal(torch.cat([evaluated[role], calib]), whole)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # the model is left as it was
     assert not any(p.requires_grad is False for p in model.parameters())

@@ -204,7 +204,7 @@ def test_fitted_and_data_free_methods_with_their_own_kernels(corpus, tmp_path):
     assert {"optimized_w1", "uniform@optimized_w1", "optimized_w1@random", "uniform_t0.0+dg_hard_all", "lines",
             "lines@random"} <= set(by)
     fit = by["optimized_w1"]["fit"]
-    assert fit["calibration"]["general"]["first_token"] == 256 and len(fit["t"]) == 5  # 4 layers + non-layer
+    assert fit["calibration"]["general"]["part"] == "calibration" and len(fit["t"]) == 5  # 4 layers + non-layer
     assert sorted(by["optimized_w1@random"]["tmap"]["layer_t"].values()) == sorted(by["optimized_w1"]["tmap"]["layer_t"].values())
     assert sorted(by["lines@random"]["tmap"]["layer_t"].values()) == sorted(by["lines"]["tmap"]["layer_t"].values())
     assert by["lines@random"]["tmap"] != by["lines"]["tmap"]
