@@ -114,7 +114,7 @@ def test_smollm2_posterior_smoke(compose, drifted, tmp_path):
     cfg = compose(
         "analyze",
         [f"adapted={drifted}", "progress=false", "impact=posterior", "proxy.general.max_tokens=256",
-         "proxy.domain.max_tokens=256", "proxy.max_length=256", "proxy.stride=256"],
+         "proxy.domain.max_tokens=256", "proxy.max_length=256", "proxy.stride=256", "impact.calibration_tokens=256"],
         output_dir=tmp_path / "post",
     )
     ranking = json.loads(Path(run(cfg)["ranking_path"]).read_text())
