@@ -81,7 +81,7 @@ def test_gsm8k_data_has_answers():
 
 @pytest.mark.slow
 def test_quick_suite_on_smollm2(compose, tmp_path):
-    reason = _asset_missing("smollm2_135m", "eval_data", "general_text", "finance_heldout")
+    reason = _asset_missing("smollm2_135m", "eval_data", "general_chat", "general_text", "general_news", "finance_heldout")
     if reason:
         pytest.skip(reason)
     from spear.evaluation.stage import run_evaluate as run
@@ -91,9 +91,10 @@ def test_quick_suite_on_smollm2(compose, tmp_path):
     arc = results["tasks"]["spear_arc_easy"]
     assert results["n_samples"]["spear_arc_easy"] >= 200
     assert 0.35 <= arc["acc"] <= 0.65
-    for corpus in ("general", "finance_heldout"):
+    for corpus in ("general_chat", "finance_heldout", "wikipedia", "general_news"):
         assert 1.0 < results["perplexity"][corpus] < 1000.0
         assert results["tokens"][corpus] > 1000
+    assert 0 < results["nll_stderr"]["general_chat"] < 0.2  # chat answers carry their standard error
     assert (tmp_path / "quick" / "results.json").is_file() and (tmp_path / "quick" / "results.md").is_file()
 
 
