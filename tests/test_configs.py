@@ -91,13 +91,11 @@ def _sweep_jobs(experiment: str) -> list[list[str]]:
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
-def test_baseline_uniform_sweep_expands_into_one_job_per_t():
-    jobs = _sweep_jobs("baseline_uniform")
-    assert jobs == [[f"policy.t={t}"] for t in ("0.25", "0.5", "0.75", "1.0")]
-    for job in jobs:
-        cfg = compose("pipeline", [OUT, "+experiment=baseline_uniform", *job])
-        assert cfg.policy.name == "uniform"
-        assert cfg.policy.non_layer_t == cfg.policy.t == float(job[0].split("=")[1])
+def test_baseline_uniform_is_the_three_seed_sweep_with_a_layers_only_point():
+    cfg = compose("pipeline", [OUT, "+experiment=baseline_uniform"])
+    assert cfg.pipeline.seeds == [1234, 1235, 1236] and cfg.pipeline.frontier.ts == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert cfg.policy.name == "uniform" and cfg.policy.t == 0.5 and cfg.policy.non_layer_t == 0.0
+    assert cfg.policy.label == "uniform_layers_t0.5"  # not the sweep's whole-model uniform_t0.5
 
 
 def test_impact_proxy_sweep_covers_every_proxy_and_the_controls():

@@ -19,7 +19,7 @@ def _entry(**values):
 def _proxy():
     from spear.config.schema import CorpusConfig, ProxyConfig
 
-    return ProxyConfig(general=CorpusConfig(max_tokens=64), domain=CorpusConfig(name="domain", source="finance_heldout",
+    return ProxyConfig(general=CorpusConfig(name="general", max_tokens=64), reported=[], domain=CorpusConfig(name="domain", source="finance_heldout",
                                                                                  max_tokens=64), max_length=64, stride=64)
 
 

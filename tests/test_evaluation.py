@@ -275,7 +275,8 @@ def _ppl_only(compose, tiny_llama_dir, corpus, out, extra=()):
         [
             "model=tiny_llama", f"model.ref={tiny_llama_dir}", "eval=perplexity",
             f"proxy.general.source='{corpus}'", f"proxy.domain.source='{corpus}'",
-            "proxy.general.max_tokens=300", "proxy.domain.max_tokens=200", *extra,
+            "proxy.general.max_tokens=300", "proxy.domain.max_tokens=200", "proxy.general.name=general",
+            "proxy.reported=[]", *extra,
         ],
         output_dir=out,
     )

@@ -59,7 +59,10 @@ def prepare(out_path: Path, eval_root: Path, status=lambda msg: None) -> dict:
     records = chat_records(gsm8k_rows(eval_root))
     write_text_atomic(Path(out_path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     counts = {split: sum(r["split"] == split for r in records) for split in ("evaluation", "calibration")}
-    source = {"kind": "asset", "asset": "eval_data", "member": GSM8K_REQUESTS}
+    from spear.io.hashing import file_sha256
+
+    source = {"kind": "asset", "asset": "eval_data", "member": GSM8K_REQUESTS,
+              "sha256": file_sha256(Path(eval_root) / GSM8K_REQUESTS)}
     details = {"records": len(records), "per_split": counts, "calibration_from_id": CALIBRATION_FROM,
                "words": sum(len(r["answer"].split()) for r in records)}
     return {"source": source, "licence": LICENCE, "details": details}
