@@ -43,6 +43,16 @@ def word_corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A small finance-word corpus of 40 paragraphs: the tiny pipeline runs' CPT text."""
+    rng = random.Random(0)
+    words = "ledger account debit credit balance asset liability equity income expense invoice loan".split()
+    path = tmp_path_factory.mktemp("corpus") / "finance.txt"
+    path.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(60)) for _ in range(40)))
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A saved random tiny Llama (HF safetensors dir + byte tokenizer); copy before mutating."""
     from spear.models.tiny import save_tiny

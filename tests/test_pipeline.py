@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
-from pathlib import Path
 
 import pytest
 
@@ -18,15 +16,6 @@ TINY = [
     "proxy.general.max_tokens=256",
     "proxy.domain.max_tokens=256",
 ]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    words = "ledger account debit credit balance asset liability equity income expense invoice loan".split()
-    path = tmp_path_factory.mktemp("corpus") / "finance.txt"
-    path.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(60)) for _ in range(40)))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -120,15 +120,6 @@ def test_force_recomputes_the_named_stages_once_per_command(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    words = "ledger account debit credit balance asset liability equity income expense invoice loan".split()
-    path = tmp_path_factory.mktemp("corpus") / "finance.txt"
-    path.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(60)) for _ in range(40)))
-    return path
-
-
-@pytest.fixture(scope="module")
 def runs(corpus, tmp_path_factory):
     """One cache, three runs: clean; with pipeline.force=[train]; after the newest CPT's weights were
     overwritten with garbage of the same size. Each run's summary and warnings."""
