@@ -54,12 +54,12 @@ def test_pipeline_writes_every_output(tiny_runs):
     assert summary["cost"]["extra_policy_vs_cpt"] > 0
     assert "| balanced |" in (dirs[0] / "summary.md").read_text()
     # not true by definition: CPT moved the model, and the controls differ from the policy
-    assert by["adapted"]["metrics"]["nll/general"] != pytest.approx(by["base"]["metrics"]["nll/general"], abs=1e-4)
+    assert by["adapted"]["metrics"]["nll/general_chat"] != pytest.approx(by["base"]["metrics"]["nll/general_chat"], abs=1e-4)
     assert by["balanced@random"]["tmap"] != by["balanced"]["tmap"]
     # the uniform frontier: t=0 is the adapted model and t=1 the base; no sweep point beats its own front
     sweep = summary["frontier"]["per_seed"]["1234"]
     assert [p["t"] for p in sweep] == [0.0, 0.25, 0.5, 0.75, 1.0]
-    assert sweep[0]["general_nll"] == by["adapted"]["metrics"]["nll/general"]
+    assert sweep[0]["general_nll"] == by["adapted"]["metrics"]["nll/general_chat"]
     assert sweep[-1]["domain_nll"] == by["base"]["metrics"]["nll/finance_heldout"]
     for name in ("base", "adapted", "uniform_t0.25", "uniform_t0.5", "uniform_t0.75"):
         adv = by[name]["frontier_advantage"]
@@ -198,7 +198,7 @@ def test_fitted_and_data_free_methods_with_their_own_kernels(corpus, tmp_path):
     assert sorted(by["lines@random"]["tmap"]["layer_t"].values()) == sorted(by["lines"]["tmap"]["layer_t"].values())
     assert by["lines@random"]["tmap"] != by["lines"]["tmap"]
     dg = by["uniform_t0.0+dg_hard_all"]
-    assert dg["merge"]["name"] == "dg_hard" and dg["metrics"]["nll/general"] != by["adapted"]["metrics"]["nll/general"]
+    assert dg["merge"]["name"] == "dg_hard" and dg["metrics"]["nll/general_chat"] != by["adapted"]["metrics"]["nll/general_chat"]
     assert any(e["stage"] == "fit" for e in summary["cache"])
     # the entry with its own impact is ranked by a second analysis of the same adapted model
     assert sum(e["stage"] == "analyze" for e in summary["cache"]) == 2

@@ -33,6 +33,7 @@ def _cfg(compose, tmp_path, model_dir, corpus, *overrides, out="run"):
             "data.batch_size=2",
             f"data.cache_dir={tmp_path / 'tokens'}",
             "trainer.max_steps=3",
+            "trainer.accumulate_grad_batches=1",
             "trainer.val_check_interval=2",
             "trainer.limit_val_batches=2",
             "trainer.enable_progress_bar=false",
@@ -127,9 +128,10 @@ def test_optimizer_gets_trainable_parameters_only(tiny_llama_dir):
 def test_resume_matches_uninterrupted_run(compose, tmp_path, tiny_llama_dir, corpus):
     from spear.cpt.stage import run_train as run
 
-    common = ["trainer.max_steps=6", "checkpoint.every_n_steps=2", "checkpoint.keep=-1",
-              "freeze=last", "freeze.k=1", "data.val_fraction=0.2"]
-    # 6 steps over epochs of < 6 batches: resuming starts mid-epoch and crosses an epoch boundary
+    common = ["trainer.max_steps=6", "trainer.accumulate_grad_batches=2", "checkpoint.every_n_steps=2",
+              "checkpoint.keep=-1", "freeze=last", "freeze.k=1", "data.val_fraction=0.2"]
+    # 6 steps of 2 accumulated batches over epochs of 3-5 batches: resuming starts mid-epoch, crosses an epoch
+    # boundary, and an odd epoch ends in a short accumulation
     full = run(_cfg(compose, tmp_path, tiny_llama_dir, corpus, "data.block_size=256", "data.batch_size=8", *common,
                     out="full"))
     assert 2 < full["data"]["train_blocks"] // 8 < 6

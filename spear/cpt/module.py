@@ -70,6 +70,7 @@ class CPTModule(pl.LightningModule):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.val_loss = MeanMetric()
         self.tokens_seen = 0  # this rank's training tokens (restored on resume)
+        self.batches_seen = 0  # this rank's training batches: the data loader's resume position
         self.activation_bytes: int | None = None  # saved for backward by one batch (spear.cpt.memory)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -85,6 +86,7 @@ class CPTModule(pl.LightningModule):
         else:
             loss = self(input_ids)
         self.tokens_seen += input_ids.numel()
+        self.batches_seen += 1
         # the mean over ranks (a no-op on one process), so a DDP run logs the loss of its global batch
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=input_ids.shape[0], sync_dist=True)
         self.log("train/ppl", torch.exp(loss.detach().float()), on_step=True, batch_size=input_ids.shape[0])
@@ -117,6 +119,8 @@ class CPTModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["spear_tokens_seen"] = int(self.tokens_seen)
+        checkpoint["spear_batches_seen"] = int(self.batches_seen)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = int(checkpoint.get("spear_tokens_seen", 0))
+        self.batches_seen = int(checkpoint.get("spear_batches_seen", 0))

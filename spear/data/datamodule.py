@@ -5,8 +5,8 @@
 * Order: epoch ``e`` visits the training blocks in the permutation seeded by ``(seed, e)``;
   each rank takes every ``world_size``-th block of it (no DistributedSampler needed).
 * Resume: the training loader implements ``state_dict``/``load_state_dict`` (Lightning stores
-  it in the checkpoint). Its state is the number of batches the trainer has consumed
-  (``global_step * accumulate_grad_batches``), so a resumed run continues with exactly the
+  it in the checkpoint). Its state is the number of batches the trainer has consumed (counted
+  by the module, as an epoch may end in a short accumulation), so a resumed run continues with exactly the
   batch an uninterrupted run would have seen next.
 """
 
@@ -178,7 +178,9 @@ class SpearDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return None
-        return lambda: int(trainer.global_step) * int(trainer.accumulate_grad_batches)
+        # counted batches, not global_step * accumulation: an epoch whose length the accumulation does
+        # not divide ends with a short optimizer step
+        return lambda: int(getattr(trainer.lightning_module, "batches_seen", 0))
 
     def train_sampler(self) -> ResumableBatchSampler:
         self.load_corpus()
