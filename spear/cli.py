@@ -25,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from spear.errors import SpearError
+from spear.io.location import HYDRA_RECORD as HYDRA_SUBDIR
+from spear.io.location import RUN_LOCK, check_run_dir, machine_fault
 from spear.paths import CONF_DIR
 
 log = logging.getLogger("spear")
@@ -54,14 +56,15 @@ def _secondary_rank() -> bool:
     return any(os.environ.get(var, "0") not in ("", "0") for var in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
-RUN_LOCK = ".spear-run.lock"
-HYDRA_SUBDIR = ".hydra"
+def _is_output_lock(name: str) -> bool:
+    """An output's writer lock (``.model.lock``, :func:`spear.io.atomic.exclusive`): bookkeeping, not output."""
+    return name.startswith(".") and name.endswith(".lock")
 
 
 def _remove_if_only_bookkeeping(run_dir: Path, task_name: str) -> None:
     """Remove ``run_dir`` when all it holds is what Hydra and this CLI wrote for this run."""
     ours = {HYDRA_SUBDIR, f"{task_name}.log", RUN_LOCK}
-    if run_dir.is_dir() and all(entry.name in ours for entry in run_dir.iterdir()):
+    if run_dir.is_dir() and all(entry.name in ours or _is_output_lock(entry.name) for entry in run_dir.iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -117,6 +120,30 @@ def _sweep_jobs(argv: list[str]) -> list[list[str]]:
         raise SpearError(f"the sweep does not parse: {str(err).strip().splitlines()[0]}; see Hydra's override grammar") from None
 
 
+def _check_default_dir(cfg) -> None:
+    """The run's (or sweep's) dir that Hydra will create from the config: writable, not a file."""
+    from omegaconf import OmegaConf
+
+    key = "hydra.sweep.dir" if str(OmegaConf.select(cfg, "hydra.mode", default="")).endswith("MULTIRUN") else "hydra.run.dir"
+    try:
+        path = OmegaConf.select(cfg, key, throw_on_missing=True)
+    except Exception:  # an interpolation only a running Hydra resolves: Hydra checks it then
+        return
+    if path:
+        check_run_dir(Path(str(path)), f"{key} (under paths.log_dir)", explicit=False)
+
+
+def _user_fault(exc: BaseException) -> SpearError | None:
+    """The one line for what the machine or the config caused: a disk fault, or a target Hydra refuses to build
+    (its block list, a wrong argument); ``None`` for a bug, which keeps its traceback."""
+    from hydra.errors import InstantiationException
+
+    if isinstance(exc, InstantiationException):
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        return SpearError(f"{lines[0] if lines else type(exc).__name__}; fix or remove that _target_ in the config")
+    return machine_fault(exc)
+
+
 def _fail(err: SpearError) -> None:
     print(f"error: {err}", file=sys.stderr)
     sys.exit(2)
@@ -145,12 +172,17 @@ def hydra_entry(stage: str, target: str) -> Callable[[], None]:
         run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
         try:
             _stage_function(target)(validate(cfg, stage))
-        except SpearError as err:
+        except BaseException as exc:  # a bug's traceback too must not cost an earlier run its record
+            err = exc if isinstance(exc, SpearError) else _user_fault(exc)
             logging.shutdown()
             if run_dir in earlier_record:
                 _restore(run_dir / HYDRA_SUBDIR, earlier_record[run_dir])
-            elif not _secondary_rank():  # the run dir is rank 0's to keep or clean up
+                if earlier_record[run_dir] is None and err is not None:  # the user's empty dir: left as found
+                    (run_dir / f"{cfg.task_name}.log").unlink(missing_ok=True)
+            elif err is not None and not _secondary_rank():  # the run dir is rank 0's to keep or clean up
                 _remove_if_only_bookkeeping(run_dir, str(cfg.task_name))
+            if err is None:
+                raise
             _fail(err)
 
     def main() -> None:
@@ -160,10 +192,14 @@ def hydra_entry(stage: str, target: str) -> Callable[[], None]:
             # a run dir or instantiates anything (a sweep's jobs included)
             for job in [overrides] if overrides is not None else _sweep_jobs(sys.argv[1:]):
                 check_overrides(stage, job)
-            check_command_line(stage, sys.argv[1:], _main)
+            planned = check_command_line(stage, sys.argv[1:], _main)
+            requested = None if _secondary_rank() else _requested_run_dir(sys.argv[1:])
+            if requested is not None:
+                check_run_dir(requested)
+            elif planned is not None and not _secondary_rank():
+                _check_default_dir(planned)
         except SpearError as err:
             _fail(err)
-        requested = None if _secondary_rank() else _requested_run_dir(sys.argv[1:])
         if requested is None:
             _main()
             return

@@ -311,6 +311,7 @@ class PipelineState:
                 self.policy_seconds.append(record["seconds"] + (fit["seconds"] if fit is not None else 0.0))
             entries.append(entry(item.name, item.kind, record["results"], mean_t=item.tmap.mean_t(n),
                                  tmap=item.tmap.to_json(), policy=item.policy.model_dump(), **extra))
+        entries = unique_names(entries)
         if cfg.pipeline.frontier.ts:
             sweep = {t: results_by_t[t] for t in cfg.pipeline.frontier.ts}
             self.frontier[str(seed)] = sweep_points(sweep, cfg.proxy.general.name, cfg.proxy.domain.name)
@@ -340,6 +341,29 @@ class PipelineState:
             "extra_policy_vs_cpt": extra / cpt if cpt and extra is not None else None,
             "wall_seconds": wall_seconds,
         }
+
+
+def unique_names(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per model, one model per name: a repeat of the same merge (same t map and kernel) is dropped,
+    a different model under a taken name (``policy=uniform policy.t=0.5`` beside the frontier's t=0.5 point,
+    which also moves the embeddings) is renamed ``<name> [<kind>]``, so seeds never pool two models."""
+    seen: dict[str, dict[str, Any]] = {}
+    out = []
+    for entry in entries:
+        name = entry["name"]
+        earlier = seen.get(name)
+        if earlier is not None and (earlier.get("tmap"), earlier.get("merge")) == (entry.get("tmap"), entry.get("merge")):
+            log.info("pipeline: %s (%s) is the same model as the %s entry; evaluated once", name, entry["kind"], earlier["kind"])
+            continue
+        if earlier is not None:
+            entry = {**entry, "name": f"{name} [{entry['kind']}]"}
+            log.warning("pipeline: two different models are named %s; the %s one is recorded as %r (set its label to "
+                        "name it)", name, entry["kind"], entry["name"])
+            if entry["name"] in seen:
+                raise SpearError(f"pipeline: the model name {entry['name']!r} is taken twice; give the policies distinct labels")
+        seen[entry["name"]] = entry
+        out.append(entry)
+    return out
 
 
 def run_pipeline(cfg) -> dict[str, Any]:

@@ -21,7 +21,7 @@ def _train(tmp_path, run_dir, *extra):
 
 
 def test_a_failing_run_in_an_existing_dir_deletes_nothing(tmp_path):
-    """A user's dir that holds only logs (what Hydra writes too) survives a failing run pointed at it."""
+    """A user's dir that holds only logs (what Hydra writes too) is refused before anything is written to it."""
     user_dir = tmp_path / "my_notes"
     user_dir.mkdir()
     (user_dir / "experiment.log").write_text("three weeks of notes\n")
@@ -29,7 +29,8 @@ def test_a_failing_run_in_an_existing_dir_deletes_nothing(tmp_path):
     proc = _train(tmp_path, user_dir)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error:")
     assert (user_dir / "experiment.log").read_text() == "three weeks of notes\n"
-    assert (user_dir / "train.log").read_text().startswith("an older run's log\n")
+    assert (user_dir / "train.log").read_text() == "an older run's log\n"  # not appended to
+    assert "holds files no spear run wrote" in proc.stderr
 
 
 def test_a_failing_run_removes_the_dir_it_created(tmp_path):

@@ -56,7 +56,7 @@ def test_collate_multirun_renders_each_job_against_shared_baselines(tmp_path):
 
 def test_collate_posterior_section_correlates_proxies_with_measurements(tmp_path):
     truth = [0.04, 0.01, 0.03, -0.02]
-    layers = [{"layer": i, "metrics": {"rel_change": t, "swci": -t, "svdr_whole": 0.5, "random": 0.1 * i},
+    layers = [{"layer": i, "score": t, "metrics": {"rel_change": t, "swci": -t, "svdr_whole": 0.5, "random": 0.1 * i},
                "posterior": {"score": t, "general_recovery": t, "domain_change": -t}} for i, t in enumerate(truth)]
     ranking = {"order": [0, 2, 1, 3], "layers": layers, "num_layers": 4, "impact": {"name": "posterior"},
                "posterior": {"reference": {"adapted": {"general": 3.2, "domain": 2.3}, "base": {"general": 3.1, "domain": 2.4}},

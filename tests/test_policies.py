@@ -172,8 +172,9 @@ def test_ranking_defaults_and_errors(tmp_path):
     doc = ranking_doc()
     del doc["order"]
     assert Ranking.from_document(doc).order == tuple(ORDER)
-    doc["layers"][0]["score"] = None  # a missing score ranks last
-    assert Ranking.from_document(doc).order[-1] == 0
+    doc["layers"][0]["score"] = None  # a layer without a score cannot be placed
+    with pytest.raises(SpearError, match="layer 0 has no finite score"):
+        Ranking.from_document(doc)
     path = tmp_path / "ranking.json"
     path.write_text(json.dumps(ranking_doc()))
     assert Ranking.load(tmp_path).order == tuple(ORDER)

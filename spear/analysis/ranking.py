@@ -50,7 +50,7 @@ def _layer_index(value: Any, where: str) -> int:
 
 
 def _fill_missing(scores: dict[Any, float | None], what: str) -> dict[Any, float]:
-    """Missing scores rank last: they get the lowest present score (0.0 if none is present)."""
+    """Missing group scores (a layer without that module group) rank last: the lowest present score (0.0 if none)."""
     present = [s for s in scores.values() if s is not None]
     if len(present) < len(scores):
         missing = sorted(str(k) for k, s in scores.items() if s is None)
@@ -74,7 +74,8 @@ class Ranking:
     def from_document(cls, doc: Any, where: str = "ranking") -> Ranking:
         """Validate a ranking document. Needs ``layers[{layer, score}]``; ``order`` defaults to the
         scores sorted, ``num_layers`` to the number of entries; per-group scores come from
-        ``layers[i].groups`` when every layer has them. Missing (null) scores rank last."""
+        ``layers[i].groups`` when every layer has them. A layer without a finite score is an error (the policies
+        would otherwise place it arbitrarily); a missing group score ranks last."""
         if not isinstance(doc, Mapping):
             raise SpearError(f"{where} is not a ranking: its top level is a {type(doc).__name__}, not an object; "
                              "pass the ranking.json written by `python -m spear.analyze`")
@@ -99,10 +100,16 @@ class Ranking:
             raise SpearError(f"{where}: num_layers={num_layers!r} is not an integer")
         if sorted(raw) != list(range(num_layers)):
             raise SpearError(f"{where} scores layers {sorted(raw)} but names layers 0..{num_layers - 1}")
-        scores = _fill_missing(raw, "layer")
+        undefined = [layer for layer, score in raw.items() if score is None]
+        if undefined:
+            impact = doc.get("impact", {}).get("name", "?") if isinstance(doc.get("impact"), Mapping) else "?"
+            raise SpearError(f"{where}: layer {undefined[0]} has no finite score (NaN, infinite or null) under impact={impact}"
+                             f"{f' ({len(undefined)} layers)' if len(undefined) > 1 else ''}; a ranking cannot place it: "
+                             "check that layer's weights for NaN/Inf, or choose another impact")
+        scores = {layer: float(score) for layer, score in raw.items() if score is not None}
         order = doc.get("order")
         if order is None:
-            order = sorted(scores, key=lambda layer: (raw[layer] is None, -scores[layer], layer))
+            order = sorted(scores, key=lambda layer: (-scores[layer], layer))
         if not isinstance(order, list):
             raise SpearError(f"{where}: `order` must be a list of layer indices")
         order = [_layer_index(x, where) for x in order]

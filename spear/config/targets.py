@@ -138,14 +138,18 @@ def check_config(cfg) -> None:
         check_target(key, target)
 
 
-def check_command_line(stage: str, argv: list[str], task_function: Callable) -> None:
+def check_command_line(stage: str, argv: list[str], task_function: Callable):
     """Every callable that running ``argv`` would make Hydra or the stage call, checked before Hydra creates a
     dir or instantiates anything: the config of a run, or the sweep's and each job's of a basic multirun.
+    Returns the run's (or the sweep's) composed config, ``None`` when nothing would run.
 
     Another sweeper's jobs are known only as they run; :func:`spear.config.validate` checks each job then.
     """
+    first = None
     for cfg in planned_configs(stage, argv, task_function):
         check_config(cfg)
+        first = cfg if first is None else first
+    return first
 
 
 def planned_configs(stage: str, argv: list[str], task_function: Callable) -> Iterator:

@@ -42,7 +42,7 @@ from spear.errors import SpearError
 from spear.io.atomic import check_completed, check_output_free, write_json_atomic, write_text_atomic
 from spear.models import layer_map_for, load_model, resolve_model_dir
 from spear.models.card import write_train_card
-from spear.models.loading import torch_dtype
+from spear.models.loading import max_positions, torch_dtype
 from spear.runtime import peak_rss_bytes, rss_bytes
 from spear.tracking import build_logger, finish_logger
 
@@ -65,6 +65,22 @@ def total_steps(trainer_cfg: dict[str, Any], batches_per_epoch: int) -> int:
     return int(epochs) * math.ceil(batches_per_epoch / accumulate)
 
 
+def check_lightning_checkpoint(path: Path) -> None:
+    """A resumable checkpoint: loads weights-only (no pickled code runs) and is Lightning's, not a bare state
+    dict (``pytorch_model.bin``). Memory-mapped, so a large checkpoint is not read twice."""
+    import pickle
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError):
+        raise SpearError(f"ckpt_path={path} does not load weights-only: it holds pickled Python objects, which spear "
+                         "never runs; resume from a checkpoint a spear train run wrote") from None
+    if not (isinstance(ckpt, dict) and "state_dict" in ckpt and "pytorch-lightning_version" in ckpt):
+        raise SpearError(f"ckpt_path={path} is not a Lightning checkpoint (no state_dict/pytorch-lightning_version; "
+                         "a bare weights file?); ckpt_path resumes a spear train run: to start from weights, "
+                         "convert them to safetensors and set model.ref=<that dir>")
+
+
 def resolve_ckpt_path(ckpt_path: str | None) -> str | None:
     """A checkpoint file/dir, or a run dir / checkpoints dir holding ``last.ckpt``; ``last`` as Lightning's."""
     if ckpt_path is None:
@@ -77,6 +93,7 @@ def resolve_ckpt_path(ckpt_path: str | None) -> str | None:
             if not zipfile.is_zipfile(candidate.resolve()):  # torch.save's format: a truncated file is no zip
                 raise SpearError(f"ckpt_path={candidate} is not a readable checkpoint (truncated or not a Lightning "
                                  "checkpoint); point ckpt_path to another one, e.g. an earlier step-*.ckpt")
+            check_lightning_checkpoint(candidate)
             return str(candidate)
         if candidate.is_dir() and (candidate / "latest").exists():  # a DeepSpeed checkpoint dir
             return str(candidate)
@@ -117,6 +134,10 @@ def run_train(cfg) -> dict[str, Any]:
     # model + freeze mask
     base_dir = resolve_model_dir(cfg.model.ref, allow_pickle=cfg.model.allow_pickle, allow_network=cfg.model.allow_network)
     model, tokenizer = load_model(cfg.model.ref, **cfg.model.load_options())
+    limit = max_positions(model)
+    if limit is not None and cfg.data.block_size > limit:
+        raise SpearError(f"data.block_size={cfg.data.block_size} is longer than the model's {limit} positions "
+                         f"(max_position_embeddings of {cfg.model.ref}); set data.block_size<={limit}")
     layer_map = layer_map_for(model.config)
     ranking, ranking_source = ranking_for(cfg.freeze, base_dir, layer_map.num_layers)
     plan = plan_for_model(cfg.freeze, model, layer_map, ranking, ranking_source)

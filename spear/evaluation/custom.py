@@ -47,10 +47,20 @@ def _where(entry, line: int | None = None) -> str:
     return f"eval.custom {entry.name!r}: {entry.path}" + (f" line {line}" if line is not None else "")
 
 
-def _text_of(entry) -> str:
+def _path_key(entry) -> str:
+    """The config key that set the file: a finance-pack entry is named after its format."""
+    return f"eval.finance_pack.{entry.format}" if entry.format != "spear" and entry.name == entry.format else "eval.custom[].path"
+
+
+def _check_file(entry) -> Path:
     path = Path(entry.path).expanduser()
     if not path.is_file():
-        raise SpearError(f"{_where(entry)} is not a file; fix eval.custom[].path")
+        raise SpearError(f"{_where(entry)} is not a file; fix {_path_key(entry)}")
+    return path
+
+
+def _text_of(entry) -> str:
+    path = _check_file(entry)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -253,6 +263,7 @@ def _cached_docs(entry_json: str, path: str, mtime_ns: int, size: int) -> tuple[
 
 
 def _parse_docs(entry) -> list[dict[str, Any]]:
+    _check_file(entry)  # every format's reader starts from a readable file
     docs = []
     kind = kind_of(entry)
     records = FORMATS[entry.format][0](entry) if entry.format in FORMATS else read_records(entry)

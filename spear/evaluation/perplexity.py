@@ -20,6 +20,7 @@ import math
 from typing import Any
 
 from spear.errors import SpearError
+from spear.models.loading import max_positions
 
 
 def tokenize_corpus(tokenizer, text: str, max_tokens: int | None = None):
@@ -67,13 +68,6 @@ def sliding_windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[i
     return windows
 
 
-def _model_max_positions(model) -> int | None:
-    config = getattr(model, "config", None)
-    config = getattr(config, "text_config", None) or config
-    value = getattr(config, "max_position_embeddings", None)
-    return int(value) if value else None
-
-
 def accepts_logits_to_keep(model) -> bool:
     try:
         return "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -100,7 +94,7 @@ def corpus_nll_from_ids(
     ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
     if batch_size < 1:
         raise SpearError(f"perplexity batch_size={batch_size} must be >= 1")
-    limit = _model_max_positions(model)
+    limit = max_positions(model)
     if limit is not None and max_length > limit:
         max_length = limit
         stride = min(stride, max_length)

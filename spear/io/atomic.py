@@ -23,9 +23,17 @@ from spear.errors import SpearError
 TMP_PREFIX = ".tmp-"
 
 
+def _remove(path: Path) -> None:
+    """Remove a leftover of this module's own: a symlink goes as a link (never what it points to)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _clear_stale_tmp(final: Path) -> None:
     for stale in final.parent.glob(f"{TMP_PREFIX}{final.name}-*"):
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        _remove(stale)
 
 
 def _lock_path(final: Path) -> Path:
@@ -89,7 +97,7 @@ def atomic_dir(final: Path, overwrite: bool = False, knob: str = "overwrite") ->
                 backup = final.with_name(f"{TMP_PREFIX}{final.name}-old")
                 os.replace(final, backup)
                 os.replace(tmp, final)
-                shutil.rmtree(backup, ignore_errors=True)
+                _remove(backup)  # a symlinked output: the link is replaced, its target left as it was
             else:
                 os.replace(tmp, final)
         except BaseException:

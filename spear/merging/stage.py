@@ -33,8 +33,9 @@ from spear.tracking import start_tracker
 log = logging.getLogger(__name__)
 
 
-def ranking_of(cfg, base_dir: Path, adapted_dir: Path, out_dir: Path) -> tuple[Ranking | None, dict[str, Any] | None]:
-    """The ranking the policy needs: ``ranking=`` when given, else ranked here (written to the run dir)."""
+def ranking_of(cfg, base_dir: Path, adapted_dir: Path) -> tuple[Ranking | None, dict[str, Any] | None]:
+    """The ranking the policy needs: ``ranking=`` when given, else ranked here (``info["computed"]``: the caller
+    writes it to the run dir once the policy has accepted it, so a refused policy leaves nothing behind)."""
     if cfg.policy.name not in NEEDS_RANKING:
         return None, None
     if cfg.ranking:
@@ -43,8 +44,7 @@ def ranking_of(cfg, base_dir: Path, adapted_dir: Path, out_dir: Path) -> tuple[R
     else:
         log.info("merge: no ranking given; ranking layers with impact=%s", cfg.impact.name)
         ranking = rank_pair(cfg, base_dir, adapted_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        info = {"path": str(ranking.save(out_dir / "ranking.json")), "computed": True, **ranking.meta}
+        info = {"path": None, "computed": True, **ranking.meta}
     for side, path in (("base", base_dir), ("adapted", adapted_dir)):
         recorded = (ranking.meta.get(side) or {}).get("path")
         if recorded and Path(recorded).resolve() != path.resolve():
@@ -56,9 +56,10 @@ def restoration(cfg, base_dir: Path, adapted_dir: Path, out_dir: Path, num_layer
     """(TMap, ranking info, record of how a loaded model found the map: ``{"search": ...}``, ``{"fit": ...}`` or ``{}``)."""
     from spear.merging.policies import FITTED
 
-    ranking, info = ranking_of(cfg, base_dir, adapted_dir, out_dir)
+    ranking, info = ranking_of(cfg, base_dir, adapted_dir)
     if cfg.policy.name not in (*FITTED, "target_retention"):
-        return build_tmap(ranking, cfg.policy, num_layers), info, {}
+        tmap = build_tmap(ranking, cfg.policy, num_layers)
+        return tmap, _saved(ranking, info, out_dir), {}
     from spear.models import load_model
 
     model, tokenizer = load_model(str(adapted_dir), **cfg.model.load_options())  # only these policies load a model
@@ -67,12 +68,20 @@ def restoration(cfg, base_dir: Path, adapted_dir: Path, out_dir: Path, num_layer
         from spear.merging.optimize import fit_tmap
 
         tmap, fit = fit_tmap(model, tokenizer, base_dir, cfg.policy, cfg.proxy, cfg.merge, progress=cfg.progress)
-        return tmap, info, {"fit": fit}
+        return tmap, _saved(ranking, info, out_dir), {"fit": fit}
     from spear.merging.target import search_target
 
     tmap, search = search_target(build_tmap(ranking, cfg.policy, num_layers), model, tokenizer, base_dir, cfg.policy,
                                  cfg.proxy, cfg.merge)
-    return tmap, info, {"search": search}
+    return tmap, _saved(ranking, info, out_dir), {"search": search}
+
+
+def _saved(ranking: Ranking | None, info: dict[str, Any] | None, out_dir: Path) -> dict[str, Any] | None:
+    """``info`` with the path of a ranking computed here, written to the run dir now that the policy accepted it."""
+    if ranking is None or info is None or not info.get("computed"):
+        return info
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return {**info, "path": str(ranking.save(out_dir / "ranking.json"))}
 
 
 def run_merge(cfg) -> dict[str, Any]:
@@ -89,7 +98,8 @@ def run_merge(cfg) -> dict[str, Any]:
     log.info("merge: policy=%s kernel=%s mean t=%.3f layer t=%s", cfg.policy.name, cfg.merge.name, tmap.mean_t(num_layers),
              [round(tmap.layer_t.get(i, 0.0), 3) for i in range(num_layers)])  # fmt: skip
 
-    result = merge_checkpoints(base_dir, adapted_dir, model_out, tmap, cfg.merge, overwrite=cfg.overwrite, progress=cfg.progress)
+    result = merge_checkpoints(base_dir, adapted_dir, model_out, tmap, cfg.merge, overwrite=cfg.overwrite, progress=cfg.progress,
+                               copy_code=cfg.model.trust_remote_code)
     kernel_params = cfg.merge.kernel_params()
     report: dict[str, Any] = {
         "policy": cfg.policy.model_dump(),
@@ -111,6 +121,7 @@ def run_merge(cfg) -> dict[str, Any]:
         "files": result["files"],
         "sha256": result["sha256"],
         "tokenizer_from": result["tokenizer_from"],
+        "code_files": result["code_files"],
         "fallbacks": sum(1 for s in result["tensors"].values() if s.get("fallback")),
     }
     report.update(found)

@@ -68,17 +68,27 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def copy_aux_files(src: Path, dst: Path) -> list[str]:
-    """Copy config, generation config and tokenizer files (everything but weights and hidden files)."""
-    copied = []
+CODE_SUFFIXES = (".py",)
+
+
+def copy_aux_files(src: Path, dst: Path, *, copy_code: bool = False) -> tuple[list[str], list[str]]:
+    """Copy config, generation config and tokenizer files (everything but weights and hidden files).
+
+    A model's own Python code (``auto_map`` modelling files) travels only with ``copy_code``
+    (``model.trust_remote_code=true``): a merged dir never carries code its user did not opt into.
+    Returns (copied, code files left out)."""
+    copied, left_out = [], []
     for path in sorted(Path(src).iterdir()):
         if not path.is_file() or path.name.startswith(".") or path.name == INDEX_FILE:
             continue
         if path.suffix in WEIGHT_SUFFIXES or path.name.endswith(".index.json"):
             continue
+        if path.suffix in CODE_SUFFIXES and not copy_code:
+            left_out.append(path.name)
+            continue
         shutil.copy2(path, dst / path.name)
         copied.append(path.name)
-    return copied
+    return copied, left_out
 
 
 class _Scratch:
@@ -115,6 +125,7 @@ def merge_checkpoints(
     overwrite: bool = False,
     progress: bool = True,
     on_tensor=None,
+    copy_code: bool = False,
 ) -> dict[str, Any]:
     """Merge ``adapted_dir`` toward ``base_dir`` by ``tmap`` and the ``merge`` config into the HF dir ``out_dir``.
 
@@ -174,7 +185,10 @@ def merge_checkpoints(
                 if pending is not None:  # failing: let the in-flight write finish before cleanup
                     wait([pending])
             summary = writer.close()
-        copy_aux_files(Path(adapted_dir), tmp)
+        copied, code_left_out = copy_aux_files(Path(adapted_dir), tmp, copy_code=copy_code)
+        if code_left_out:
+            log.warning("merge: %s holds Python code (%s) that the merged dir does not get; set model.trust_remote_code=true "
+                        "to copy it", adapted_dir, ", ".join(code_left_out))
         if tokenizer_from == "base":
             log.warning("merge: %s has no tokenizer; the merged model gets the base model's (%s)", adapted_dir, base_dir)
             copy_tokenizer(Path(base_dir), tmp)
@@ -183,6 +197,7 @@ def merge_checkpoints(
     return {
         "plan": plan,
         "tokenizer_from": tokenizer_from,
+        "code_files": {"copied": [n for n in copied if n.endswith(CODE_SUFFIXES)], "left_out": code_left_out},
         "tensors": tensors,
         "layer_t": plan.layer_t(),
         "num_layers": layer_map.num_layers,

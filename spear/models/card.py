@@ -88,14 +88,41 @@ def _made_by(config_yaml: str, version: str) -> list[str]:
             "The validated config of the run:", "", "```yaml", config_yaml.rstrip(), "```", ""]
 
 
+def portable_paths(text: str, run_dir: Path) -> str:
+    """``text`` with the machine's own paths made portable: the run dir's as ``.`` (relative to the run), the
+    asset cache's as ``$SPEAR_HOME``, the rest of the home dir as ``~``. A card travels with the model: it
+    should not carry a user name or a private directory layout."""
+    from spear.paths import spear_home
+
+    prefixes = [(str(Path(run_dir).resolve()), "."), (str(spear_home().resolve()), "$SPEAR_HOME"),
+                (str(Path.home().resolve()), "~")]
+    for prefix, name in sorted(prefixes, key=lambda pair: -len(pair[0])):
+        if prefix not in ("/", "."):
+            text = text.replace(prefix + "/", name + "/").replace(prefix + "`", name + "`").replace(prefix + "\n", name + "\n")
+    return text
+
+
 def card_text(meta: dict[str, Any], title: str, body: list[str], models: dict[str, Path], config_yaml: str,
-              known: dict[str, dict[str, str]] | None = None) -> str:
-    """The card: front matter ``meta`` (``None`` values left out), ``body`` lines, digests and the config."""
+              known: dict[str, dict[str, str]] | None = None, run_dir: Path | None = None) -> str:
+    """The card: front matter ``meta`` (``None`` values left out), ``body`` lines, digests and the config;
+    paths relative to ``run_dir`` (see :func:`portable_paths`)."""
     from spear import __version__
 
     head = _yaml_block({k: v for k, v in meta.items() if v is not None})
-    return "\n".join(["---", head.rstrip(), "---", "", f"# {title}", "", *body, *_provenance(models, known),
+    text = "\n".join(["---", head.rstrip(), "---", "", f"# {title}", "", *body, *_provenance(models, known),
                       *_made_by(config_yaml, __version__)])
+    return portable_paths(text, run_dir) if run_dir is not None else text
+
+
+def _code_line(code: dict[str, list[str]]) -> list[str]:
+    """Whether the adapted dir's own Python code (``auto_map``) travelled with the merge, and why."""
+    if code.get("copied"):
+        return [f"- custom code copied (model.trust_remote_code=true): {', '.join(f'`{n}`' for n in code['copied'])}; "
+                "loading this model runs it"]
+    if code.get("left_out"):
+        return [f"- custom code not copied: {', '.join(f'`{n}`' for n in code['left_out'])} (set "
+                "model.trust_remote_code=true to copy it)"]
+    return []
 
 
 def write_merge_card(model_dir: Path, report: dict[str, Any], base_dir: Path, adapted_dir: Path, config_yaml: str) -> Path:
@@ -118,6 +145,7 @@ def write_merge_card(model_dir: Path, report: dict[str, Any], base_dir: Path, ad
         f"- kernel: `{report['method']}` {json.dumps(report.get('kernel_params') or {})}",
         f"- ranking proxy: `{impact}`" if impact else "- ranking: none (this policy needs none)",
         f"- mean t: {report['mean_t']:.3f}; embeddings, final norm, lm_head: t = {report['non_layer_t']:.3f}",
+        *_code_line(report.get("code_files") or {}),
         "",
         *rows,
         "",
@@ -131,7 +159,7 @@ def write_merge_card(model_dir: Path, report: dict[str, Any], base_dir: Path, ad
             "license": base_licence(base_dir)}
     text = card_text(meta, f"SPEAR-MM merge of {Path(adapted_dir).name}", body,
                      {"base": Path(base_dir), "adapted": Path(adapted_dir), "output": Path(model_dir)}, config_yaml,
-                     known={"output": report.get("sha256") or {}})
+                     known={"output": report.get("sha256") or {}}, run_dir=Path(model_dir).parent)
     return write_text_atomic(Path(model_dir) / CARD, text)
 
 
@@ -153,5 +181,5 @@ def write_train_card(model_dir: Path, summary: dict[str, Any], base_dir: Path, c
     meta = {"base_model": str(base_dir), "library_name": "transformers", "tags": ["spear-mm", "continual-pretraining"],
             "license": base_licence(base_dir)}
     text = card_text(meta, f"spear-mm continual pre-training of {Path(base_dir).name}", body,
-                     {"base": Path(base_dir), "output": Path(model_dir)}, config_yaml)
+                     {"base": Path(base_dir), "output": Path(model_dir)}, config_yaml, run_dir=Path(model_dir).parent)
     return write_text_atomic(Path(model_dir) / CARD, text)

@@ -91,6 +91,14 @@ def resolve_model_dir(ref: str, *, allow_pickle: bool = False, allow_network: bo
     raise SpearError(f"model {ref!r} not found: not an alias ({', '.join(known_aliases())}), a local dir or a .gguf file")
 
 
+def max_positions(model) -> int | None:
+    """The longest sequence the model's position embeddings cover (``None`` where its config does not say)."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(value) if value else None
+
+
 def torch_dtype(name: str):
     import torch
 

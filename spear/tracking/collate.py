@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
+from spear.errors import SpearError
+from spear.io.location import machine_fault
 from spear.paths import CONF_DIR, PROJECT_ROOT
 from spear.tracking.summary import (
     PRIMARY_COLUMNS,
@@ -65,7 +68,7 @@ def collect(runs: list[Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]
     shared: dict[str, dict[str, Any]] = {}
     seeds: list[int] = []
     for run, label in zip(runs, job_labels(runs), strict=True):
-        summary = json.loads((run / "summary.json").read_text())
+        summary = read_summary(run)
         seeds = summary["seeds"]
         rename: dict[str, str] = {}
         job: list[dict[str, Any]] = []  # this job's models under their own names, base/adapted as shown
@@ -124,7 +127,7 @@ def posterior_section(ranking_path: Path) -> str:
 
     ranking = Ranking.load(ranking_path).document
     if "posterior" not in ranking:
-        raise SystemExit(f"error: {ranking_path} has no posterior measurements; run spear.analyze impact=posterior")
+        raise SpearError(f"{ranking_path} has no posterior measurements; run spear.analyze impact=posterior")
     layers = ranking["layers"]
     truth = [lay["posterior"]["score"] for lay in layers]
     corr = proxy_correlations(layers, truth, impact_presets())
@@ -196,30 +199,89 @@ def render(name: str, entries: list[dict[str, Any]], relations: list[dict[str, A
     return "\n".join(lines)
 
 
+RECORD_FILES = ("README.md", "summary.json", "pareto.png")
+RECORD_KEY = "collated_from"  # summary.json of a collated record: the run dirs it was made from
+
+
+def check_record_dir(out: Path, overwrite: bool) -> None:
+    """``out`` is new, or holds an earlier record of this command (replaced), or ``overwrite`` was asked:
+    a README.md, summary.json or pareto.png of anyone else's is never replaced silently."""
+    present = [name for name in RECORD_FILES if (out / name).exists()]
+    if out.exists() and not out.is_dir():
+        raise SpearError(f"--out {out} is a file; name a directory")
+    if not present or overwrite:
+        return
+    try:
+        ours = RECORD_KEY in json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise SpearError(f"--out {out} already holds {', '.join(present)} that collate did not write; "
+                         "pass --overwrite to replace them, or choose another --out")
+
+
+def read_summary(run: Path) -> dict[str, Any]:
+    """A pipeline run's summary.json, checked for what collate reads; a damaged one is one line naming it."""
+    path = run / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+        if not (isinstance(summary, dict) and isinstance(summary.get("models"), list)
+                and all(isinstance(m, dict) and "name" in m for m in summary["models"])
+                and isinstance(summary.get("cost"), dict) and "seeds" in summary):
+            raise ValueError("no models/cost/seeds")
+    except (OSError, ValueError) as err:
+        raise SpearError(f"{path} is not a pipeline summary ({str(err).splitlines()[0]}); re-run that pipeline, "
+                         "or leave the run out") from None
+    return summary
+
+
+def collate(args: argparse.Namespace) -> Path:
+    from spear.io.atomic import write_json_atomic, write_text_atomic
+
+    out = args.out or PROJECT_ROOT / "experiments" / args.experiment
+    if not (CONF_DIR / "experiment" / f"{args.experiment}.yaml").exists():
+        raise SpearError(f"--experiment {args.experiment}: no conf/experiment/{args.experiment}.yaml; name an experiment config")
+    runs = job_runs(args.runs)
+    if not runs:
+        raise SpearError(f"no pipeline run in {', '.join(map(str, args.runs))} (a run dir holds summary.json); "
+                         "name the run dirs, or the multirun dir, of spear.pipeline")
+    check_record_dir(out, args.overwrite)
+    entries, relations, cost, seeds = collect(runs)
+    frontier = read_summary(runs[0]).get("frontier")  # the first job's uniform sweep
+    description, command = experiment_header(args.experiment)
+    command = args.command or command
+    notes = args.notes.read_text() if args.notes else ""
+    sections = posterior_section(args.posterior) if args.posterior else ""
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "README.md", render(args.experiment, entries, relations, cost, seeds, command, description, notes,
+                                                sections, frontier, setting=run_setting(runs[0])))
+    pareto_plot(entries, out / "pareto.png", title=args.experiment, frontier=frontier)
+    write_json_atomic(out / "summary.json", {"models": entries, "relations": relations, "cost": cost, "frontier": frontier,
+                                             RECORD_KEY: [str(run) for run in runs]})
+    return out
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="pipeline run dirs or multirun dirs")
     parser.add_argument("--experiment", required=True, help="experiment name (conf/experiment/<name>.yaml)")
     parser.add_argument("--out", type=Path, default=None, help="default: experiments/<name>")
+    parser.add_argument("--overwrite", action="store_true", help="replace a README.md/summary.json/pareto.png collate did not write")
     parser.add_argument("--notes", type=Path, default=None, help="a Markdown file with the reading of the results")
     parser.add_argument("--posterior", type=Path, default=None, help="a ranking.json (or run dir) of impact=posterior to correlate the proxies with")
     parser.add_argument("--command", default=None, help="the command that produced the runs (default: the config's)")
     args = parser.parse_args(argv)
-    from spear.io.atomic import write_json_atomic, write_text_atomic
-
-    out = args.out or PROJECT_ROOT / "experiments" / args.experiment
-    out.mkdir(parents=True, exist_ok=True)
-    runs = job_runs(args.runs)
-    entries, relations, cost, seeds = collect(runs)
-    frontier = json.loads((runs[0] / "summary.json").read_text()).get("frontier")  # the first job's uniform sweep
-    description, command = experiment_header(args.experiment)
-    command = args.command or command
-    notes = args.notes.read_text() if args.notes else ""
-    sections = posterior_section(args.posterior) if args.posterior else ""
-    write_text_atomic(out / "README.md", render(args.experiment, entries, relations, cost, seeds, command, description, notes,
-                                                sections, frontier, setting=run_setting(runs[0])))
-    pareto_plot(entries, out / "pareto.png", title=args.experiment, frontier=frontier)
-    write_json_atomic(out / "summary.json", {"models": entries, "relations": relations, "cost": cost, "frontier": frontier})
+    try:
+        out = collate(args)
+    except SpearError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        fault = machine_fault(err)
+        if fault is None:
+            raise
+        print(f"error: {fault}", file=sys.stderr)
+        sys.exit(2)
     print(out / "README.md")
     return out
 

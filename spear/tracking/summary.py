@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from spear.errors import SpearError
 from spear.evaluation.retention import task_stderr
 
 PARETO_AXES = ("general_retention", "domain_gain_preservation")
@@ -90,6 +91,11 @@ def aggregate_seeds(per_seed: Sequence[Sequence[dict[str, Any]]]) -> list[dict[s
     out = []
     for name in order:
         runs = by_name[name]
+        seeds = [r.get("seed") for r in runs]
+        known = [s for s in seeds if s is not None]
+        if len(set(known)) < len(known):
+            raise SpearError(f"two results named {name!r} come from the same seed {seeds}: they are different models and "
+                             "an interval spans seeds only; give each model its own name (a policy's `label`)")
         keys = sorted({k for r in runs for k in r["metrics"]})
         stats = {k: mean_ci95([r["metrics"].get(k) for r in runs]) for k in keys}
         entry = {k: v for k, v in runs[0].items() if k not in ("metrics", "seed")}
