@@ -76,9 +76,11 @@ def test_t0_everywhere_is_the_adapted_model_and_t1_the_base(pair, tmp_path):
     merge(base, adapted, tmp_path / "t0", tmap_of({i: 0.0 for i in range(4)}), progress=False)
     merge(base, adapted, tmp_path / "t1", tmap_of({i: 1.0 for i in range(4)}, None, 1.0), progress=False)
     a, b = read_all(adapted), read_all(base)
-    for name, tensor in read_all(tmp_path / "t0").items():
+    t0, t1 = read_all(tmp_path / "t0"), read_all(tmp_path / "t1")
+    assert a and t0.keys() == a.keys() and t1.keys() == b.keys()  # every tensor written, none missing
+    for name, tensor in t0.items():
         assert torch.equal(tensor, a[name]), name
-    for name, tensor in read_all(tmp_path / "t1").items():
+    for name, tensor in t1.items():
         assert torch.equal(tensor, b[name]), name
 
 
